@@ -1,0 +1,57 @@
+"""One client round as a plain function: rebuild everything from config, train, reply."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fedcil.errors import ConfigError
+from fedcil.experiment import experiment_for
+from fedcil.model import get_trainable_state, model_for, param_group, resolve_device, set_trainable_state
+from fedcil.protocol import TensorDict, TrainRequest
+from fedcil.training import TrainSettings, train_local
+
+
+def round_seed(seed: int, task: int, server_round: int, partition_id: int) -> int:
+    """Seed of one client's local shuffling in one round."""
+    return int(np.random.SeedSequence([seed, task, server_round, partition_id]).generate_state(1)[0])
+
+
+def run_local_round(
+    cfg: DictConfig, request: TrainRequest, partition_id: int, num_partitions: int
+) -> tuple[TensorDict, int, float]:
+    """Train on this client's share of ``request.task``; return (tensors, num_examples, loss).
+
+    The client keeps nothing between calls that a restart would lose: data, split and
+    partition follow from the config, the model state arrives with the request.
+    """
+    if num_partitions != cfg.num_clients:
+        raise ConfigError(f"node config num-partitions={num_partitions} != config num_clients={cfg.num_clients}")
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"node config partition-id={partition_id} outside 0..{num_partitions - 1}")
+    experiment = experiment_for(cfg)
+    data = experiment.data
+    model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
+    set_trainable_state(model, request.state)
+    indices = experiment.client_indices(request.task, partition_id)
+    settings = TrainSettings(
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        seed=round_seed(cfg.seed, request.task, request.server_round, partition_id),
+    )
+    loss = train_local(
+        model,
+        data.train,
+        indices,
+        experiment.label_map,
+        experiment.split.task_classes(request.task),
+        list(request.train_groups),
+        settings,
+        resolve_device(cfg.device),
+    )
+    trained = {k: v for k, v in get_trainable_state(model).items() if param_group(k) in request.train_groups}
+    return trained, len(indices), loss

@@ -1,0 +1,1 @@
+"""Shared core for federated class-incremental LoRA: data, tasks, model, metrics, results."""

@@ -1,0 +1,255 @@
+"""Image classification datasets, chosen by name (``dataset.name``), all offline-capable.
+
+Every loader returns an :class:`ImageData`: train and test sets whose items are
+``(image float CxHxW in [0, 1], label)``, plus their label arrays so that splitting and
+partitioning never touch the images. Small data sets live in memory as an
+:class:`ArrayDataset` (fast batch indexing); ImageFolder data sets load lazily.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from fedcil.errors import ConfigError
+from fedcil.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+
+class ArrayDataset(Dataset):
+    """Images held as one integer tensor (N, C, H, W), scaled to [0, 1] on access."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, scale: float) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float() * self.scale, int(self.labels[index])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch by fancy indexing (no per-item Python loop)."""
+        return self.images[indices].float() * self.scale, self.labels[indices]
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A data set's train and test splits with their labels and image geometry."""
+
+    train: Dataset
+    test: Dataset
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+
+def iterate_batches(
+    dataset: Dataset,
+    indices: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images, labels)`` batches over ``dataset[indices]``."""
+    order = torch.as_tensor(indices, dtype=torch.long)
+    if shuffle:
+        order = order[torch.randperm(len(order), generator=generator)]
+    if isinstance(dataset, ArrayDataset):
+        for start in range(0, len(order), batch_size):
+            yield dataset.batch(order[start : start + batch_size])
+        return
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False)
+    for images, labels in loader:
+        yield images, torch.as_tensor(labels, dtype=torch.long)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split of ``range(len(labels))`` into (train, test) index arrays."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+@DATASETS.register("digits")
+def load_digits(cfg: DictConfig) -> ImageData:
+    """scikit-learn's 8x8 digits, 16 grey levels, stratified train/test split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.uint8).unsqueeze(1)
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    return ImageData(
+        train=ArrayDataset(images[train_idx], labels[train_idx], 1 / 16),
+        test=ArrayDataset(images[test_idx], labels[test_idx], 1 / 16),
+        train_labels=labels[train_idx],
+        test_labels=labels[test_idx],
+        num_classes=10,
+        in_chans=1,
+        image_size=8,
+    )
+
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array of its stored shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ConfigError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ConfigError(f"{path} is truncated: header says {shape}, found {data.size} values")
+    return data.reshape(shape)
+
+
+def find_idx_file(root: Path, stem: str) -> Path | None:
+    """``stem`` or ``stem.gz`` in ``root`` or torchvision's ``root/FashionMNIST/raw``."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+@DATASETS.register("fashion_mnist")
+def load_fashion_mnist(cfg: DictConfig) -> ImageData:
+    """Fashion-MNIST from IDX files under ``cfg.root`` (torchvision download if allowed)."""
+    root = Path(cfg.root)
+    if cfg.download and find_idx_file(root, IDX_FILES["train_images"]) is None:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+    paths = {key: find_idx_file(root, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[key] for key, path in paths.items() if path is None]
+    if missing:
+        raise ConfigError(
+            f"Fashion-MNIST files {missing} (or .gz) not found in {root}; "
+            "run `apt-get install dataset-fashion-mnist`, or set dataset.root, or dataset.download=true"
+        )
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    train_labels = arrays["train_labels"].astype(np.int64)
+    test_labels = arrays["test_labels"].astype(np.int64)
+    return ImageData(
+        train=ArrayDataset(torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1), train_labels, 1 / 255),
+        test=ArrayDataset(torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1), test_labels, 1 / 255),
+        train_labels=train_labels,
+        test_labels=test_labels,
+        num_classes=10,
+        in_chans=1,
+        image_size=28,
+    )
+
+
+@DATASETS.register("cifar100")
+def load_cifar100(cfg: DictConfig) -> ImageData:
+    """CIFAR-100 through torchvision, from ``cfg.root`` (downloaded there if allowed)."""
+    from torchvision.datasets import CIFAR100
+
+    try:
+        splits = [CIFAR100(str(cfg.root), train=train, download=cfg.download) for train in (True, False)]
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"CIFAR-100 not found under {cfg.root} ({exc}); set dataset.root or dataset.download=true"
+        ) from None
+    images = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in splits]
+    labels = [np.asarray(s.targets, dtype=np.int64) for s in splits]
+    return ImageData(
+        train=ArrayDataset(images[0], labels[0], 1 / 255),
+        test=ArrayDataset(images[1], labels[1], 1 / 255),
+        train_labels=labels[0],
+        test_labels=labels[1],
+        num_classes=100,
+        in_chans=3,
+        image_size=32,
+    )
+
+
+def image_folder(root: Path, image_size: int):
+    """A torchvision ImageFolder whose images are resized and centre-cropped to a square."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise ConfigError(f"image folder {root} does not exist (expected {root}/<class>/<image files>)")
+    transform = transforms.Compose(
+        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
+    )
+    return ImageFolder(str(root), transform=transform)
+
+
+@DATASETS.register("imagenet_r")
+def load_imagenet_r(cfg: DictConfig) -> ImageData:
+    """ImageNet-R from ``root/<class>/*``; a seeded stratified train/test split."""
+    folder = image_folder(Path(cfg.root), cfg.image_size)
+    labels = np.asarray(folder.targets, dtype=np.int64)
+    train_idx, test_idx = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    return ImageData(
+        train=Subset(folder, train_idx.tolist()),
+        test=Subset(folder, test_idx.tolist()),
+        train_labels=labels[train_idx],
+        test_labels=labels[test_idx],
+        num_classes=len(folder.classes),
+        in_chans=3,
+        image_size=cfg.image_size,
+    )
+
+
+@DATASETS.register("tiny_imagenet")
+def load_tiny_imagenet(cfg: DictConfig) -> ImageData:
+    """Tiny-ImageNet from ``root/train/<wnid>/...`` and ``root/val/<wnid>/...``."""
+    train = image_folder(Path(cfg.root) / "train", cfg.image_size)
+    test = image_folder(Path(cfg.root) / "val", cfg.image_size)
+    if train.classes != test.classes:
+        raise ConfigError(f"{cfg.root}/train and {cfg.root}/val have different class folders")
+    return ImageData(
+        train=train,
+        test=test,
+        train_labels=np.asarray(train.targets, dtype=np.int64),
+        test_labels=np.asarray(test.targets, dtype=np.int64),
+        num_classes=len(train.classes),
+        in_chans=3,
+        image_size=cfg.image_size,
+    )
+
+
+@lru_cache(maxsize=2)
+def _load_cached(key: str) -> ImageData:
+    cfg = OmegaConf.create(json.loads(key))
+    return DATASETS.get(cfg.name)(cfg)
+
+
+def load_dataset(cfg: DictConfig) -> ImageData:
+    """Load the data set described by ``cfg`` (the ``dataset`` group), cached per process."""
+    return _load_cached(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True))

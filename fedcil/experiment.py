@@ -1,0 +1,87 @@
+"""One experiment's data view: the data set, its task split and every client's share.
+
+Everything here is a pure function of the config, so a ClientApp can rebuild its share
+from the run config and its node config alone (no state survives between messages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedcil.data import ImageData, load_dataset
+from fedcil.partition import partition_task
+from fedcil.tasks import TaskSplit, make_task_split
+
+
+def task_seed(seed: int, task: int) -> int:
+    """A per-task seed derived from the experiment seed (stable across processes)."""
+    return int(np.random.SeedSequence([seed, task]).generate_state(1)[0])
+
+
+@dataclass
+class Experiment:
+    """Data, task split and partitions of one config; partitions are computed lazily."""
+
+    cfg: DictConfig
+    data: ImageData
+    split: TaskSplit
+    train_labels: np.ndarray  # new labels (position in the class order), -1 if unused
+    test_labels: np.ndarray
+    _partitions: dict[int, list[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.split.num_tasks
+
+    @property
+    def label_map(self) -> torch.Tensor:
+        """Lookup tensor: original label -> new label (-1 for classes in no task)."""
+        return torch.as_tensor(self.split.remap(np.arange(self.data.num_classes)))
+
+    def partitions(self, task: int) -> list[np.ndarray]:
+        """Per client, the train-set indices of its share of task ``task``."""
+        if task not in self._partitions:
+            task_idx = np.flatnonzero(self.split.task_of(self.train_labels) == task)
+            parts = partition_task(
+                self.train_labels[task_idx], self.cfg.num_clients, self.cfg.partition, task_seed(self.cfg.seed, task)
+            )
+            self._partitions[task] = [np.sort(task_idx[p]) for p in parts]
+        return self._partitions[task]
+
+    def client_indices(self, task: int, partition_id: int) -> np.ndarray:
+        """Train-set indices that client ``partition_id`` holds for task ``task``."""
+        return self.partitions(task)[partition_id]
+
+    def test_indices(self, task: int) -> np.ndarray:
+        """Test-set indices of task ``task``'s classes."""
+        return np.flatnonzero(self.split.task_of(self.test_labels) == task)
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    """Load the data set and cut it into tasks as ``cfg`` says."""
+    data = load_dataset(cfg.dataset)
+    split = make_task_split(data.num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed)
+    return Experiment(
+        cfg=cfg,
+        data=data,
+        split=split,
+        train_labels=split.remap(data.train_labels),
+        test_labels=split.remap(data.test_labels),
+    )
+
+
+@lru_cache(maxsize=2)
+def _cached_experiment(key: str) -> Experiment:
+    return build_experiment(OmegaConf.create(json.loads(key)))
+
+
+def experiment_for(cfg: DictConfig) -> Experiment:
+    """:func:`build_experiment`, cached per process and config."""
+    return _cached_experiment(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True))

@@ -1,0 +1,189 @@
+"""A frozen timm ViT with PEFT LoRA adapters and a linear class-incremental head.
+
+What travels between server and clients is the *trainable state*: a dict of named tensors
+``<module>.lora_A`` (r x d_in), ``<module>.lora_B`` (d_out x r) with timm's module names
+(e.g. ``blocks.0.attn.qkv.lora_A``), plus ``head.weight`` and ``head.bias``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from fedcil.errors import ConfigError
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+PARAM_GROUPS = ("lora_A", "lora_B", "head")
+_PEFT_NAME = re.compile(r"^backbone\.(?P<module>.+)\.(?P<factor>lora_[AB])\.default\.weight$")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; valid choices: auto, cpu, cuda, cuda:N") from None
+
+
+def auto_patch_size(image_size: int, max_grid: int = 7) -> int:
+    """The patch size giving the largest grid of at most ``max_grid`` patches per side."""
+    for grid in range(max_grid, 0, -1):
+        if image_size % grid == 0:
+            return image_size // grid
+    return image_size
+
+
+def lora_target_regex(targets: list[str], blocks: list[int] | None) -> str:
+    """PEFT ``target_modules`` regex for the given module kinds in the given blocks."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ConfigError(f"unknown lora.targets {unknown or targets}; valid choices: {', '.join(LORA_TARGETS)}")
+    block = r"\d+" if blocks is None else "|".join(str(int(b)) for b in blocks)
+    kinds = "|".join({"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}[t] for t in targets)
+    return rf".*blocks\.({block})\.({kinds})$"
+
+
+class FCILModel(nn.Module):
+    """Resize + normalise, frozen backbone (with LoRA), linear head over all classes."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, img_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        cfg = backbone.pretrained_cfg
+        chans = backbone.patch_embed.proj.in_channels
+        mean = torch.tensor(cfg.get("mean", (0.5,) * 3))[:chans] if chans <= 3 else torch.full((chans,), 0.5)
+        std = torch.tensor(cfg.get("std", (0.5,) * 3))[:chans] if chans <= 3 else torch.full((chans,), 0.5)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+        self.img_size = img_size
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of images in [0, 1] at any resolution."""
+        if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
+            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return self.backbone((images - self.mean) / self.std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits over every class; callers slice the classes they predict over."""
+        return self.head(self.features(images))
+
+
+def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
+    """Load a local checkpoint (safetensors or a torch state dict) strictly into the backbone."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"model.pretrained_path {path} does not exist")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    own = backbone.state_dict()
+    bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    missing = [k for k in own if k not in state]
+    if bad or missing:
+        raise ConfigError(
+            f"checkpoint {path} does not match model: {len(bad)} unexpected/mis-shaped keys "
+            f"(e.g. {bad[:3]}), {len(missing)} missing (e.g. {missing[:3]})"
+        )
+    backbone.load_state_dict(state, strict=True)
+
+
+def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, in_chans: int, image_size: int, seed: int) -> FCILModel:
+    """Create the backbone (deterministic from ``seed``), freeze it, add LoRA and a head."""
+    img_size = image_size if model_cfg.img_size == "auto" else int(model_cfg.img_size)
+    patch = auto_patch_size(img_size) if model_cfg.patch_size == "auto" else int(model_cfg.patch_size)
+    kwargs = dict(OmegaConf.to_container(model_cfg.kwargs, resolve=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            backbone = timm.create_model(
+                model_cfg.name, pretrained=bool(model_cfg.pretrained), num_classes=0,
+                img_size=img_size, patch_size=patch, in_chans=in_chans, **kwargs,
+            )
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise ConfigError(f"unknown timm model {model_cfg.name!r}; see timm.list_models('vit_*')") from None
+            raise
+        if model_cfg.pretrained_path:
+            load_backbone_checkpoint(backbone, model_cfg.pretrained_path)
+        backbone.requires_grad_(False)
+        blocks = None if lora_cfg.blocks is None else list(lora_cfg.blocks)
+        lora = LoraConfig(
+            r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+            target_modules=lora_target_regex(list(lora_cfg.targets), blocks),
+        )
+        try:
+            backbone = inject_adapter_in_model(lora, backbone)
+        except ValueError as exc:
+            raise ConfigError(f"no LoRA target matched (lora.blocks={blocks}): {str(exc).splitlines()[0]}") from None
+        model = FCILModel(backbone, num_classes, img_size)
+    model.eval()
+    return model
+
+
+def trainable_parameters(model: FCILModel) -> dict[str, nn.Parameter]:
+    """The adapter factors and head parameters under their exchange names."""
+    params: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        match = _PEFT_NAME.match(name)
+        if match:
+            params[f"{match['module']}.{match['factor']}"] = param
+        elif name.startswith("head."):
+            params[name] = param
+    return params
+
+
+def param_group(name: str) -> str:
+    """``lora_A``, ``lora_B`` or ``head`` for an exchange name."""
+    return name.rsplit(".", 1)[-1] if ".lora_" in name else "head"
+
+
+def get_trainable_state(model: FCILModel) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the trainable state."""
+    return {k: v.detach().cpu().clone() for k, v in trainable_parameters(model).items()}
+
+
+def set_trainable_state(model: FCILModel, state: dict[str, torch.Tensor]) -> None:
+    """Load a complete trainable state (every key, matching shapes) into the model."""
+    params = trainable_parameters(model)
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"trainable state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.shape != params[name].shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+@lru_cache(maxsize=2)
+def _cached_model(key: str) -> FCILModel:
+    spec = json.loads(key)
+    return build_model(OmegaConf.create(spec["model"]), OmegaConf.create(spec["lora"]), **spec["shape"])
+
+
+def model_for(cfg: DictConfig, num_classes: int, in_chans: int, image_size: int) -> FCILModel:
+    """The experiment's model, built once per process (callers load the state they need)."""
+    key = json.dumps(
+        {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "lora": OmegaConf.to_container(cfg.lora, resolve=True),
+            "shape": {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size, "seed": cfg.seed},
+        },
+        sort_keys=True,
+    )
+    return _cached_model(key)

@@ -1,0 +1,91 @@
+"""What travels in Flower messages, in one place: server request and client reply.
+
+Request (server -> client) ``RecordDict``:
+    ``state``  ArrayRecord   the full trainable state (named tensors, see fedcil.model)
+    ``config`` ConfigRecord  ``task``, ``round``, ``train-groups`` and method extras
+Reply (client -> server) ``RecordDict``:
+    ``update``  ArrayRecord  the trained tensors of the requested groups
+    ``metrics`` MetricRecord ``num-examples``, ``train-loss``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server sends for one round: the full trainable state and instructions.
+
+    ``train_groups`` names the parameter groups clients train (of ``lora_A``,
+    ``lora_B``, ``head``); clients reply with the trained tensors of those groups.
+    """
+
+    state: TensorDict
+    train_groups: tuple[str, ...]
+    extra: dict[str, int | float | str | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A client's view of a round's request."""
+
+    task: int
+    server_round: int
+    state: TensorDict
+    train_groups: tuple[str, ...]
+    extra: dict
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply to a training round."""
+
+    node_id: int
+    tensors: TensorDict
+    num_examples: int
+    loss: float
+
+
+def encode_request(plan: RoundPlan, task: int, server_round: int) -> RecordDict:
+    """The request RecordDict for one round."""
+    config = {"task": task, "round": server_round, "train-groups": list(plan.train_groups), **plan.extra}
+    return RecordDict({"state": ArrayRecord(plan.state), "config": ConfigRecord(config)})
+
+
+def decode_request(content: RecordDict) -> TrainRequest:
+    """Parse a request RecordDict (raises KeyError when a part is missing)."""
+    config = dict(content.config_records["config"])
+    return TrainRequest(
+        task=int(config.pop("task")),
+        server_round=int(config.pop("round")),
+        state=content.array_records["state"].to_torch_state_dict(),
+        train_groups=tuple(config.pop("train-groups")),
+        extra=config,
+    )
+
+
+def encode_reply(tensors: TensorDict, num_examples: int, loss: float) -> RecordDict:
+    """The reply RecordDict of one client."""
+    return RecordDict(
+        {
+            "update": ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(loss)}),
+        }
+    )
+
+
+def decode_reply(node_id: int, content: RecordDict) -> ClientUpdate:
+    """Parse a reply RecordDict (raises KeyError when a part is missing)."""
+    metrics = content.metric_records["metrics"]
+    return ClientUpdate(
+        node_id=node_id,
+        tensors=content.array_records["update"].to_torch_state_dict(),
+        num_examples=int(metrics["num-examples"]),
+        loss=float(metrics["train-loss"]),
+    )

@@ -1,0 +1,93 @@
+"""Results files of one run: ``results.json``, ``rounds.csv`` and two PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROUND_FIELDS = ("task", "round", "clients", "loss", "accuracy", "bytes_up", "bytes_down", "seconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results(output_dir: Path, results: dict[str, Any]) -> None:
+    """Write results.json, rounds.csv, accuracy_matrix.png and accuracy_per_task.png."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(output_dir / "results.json", json.dumps(_json_safe(results), indent=2))
+    rows = [{k: r.get(k) for k in ROUND_FIELDS} for r in results["rounds"]]
+    with open(output_dir / "rounds.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_accuracy(output_dir, results["accuracy_matrix"], f"{results['method']} on {results['dataset']}")
+
+
+def plot_accuracy(output_dir: Path, acc: list[list[float | None]], title: str) -> None:
+    """Heat map of the accuracy matrix and curves of each task's accuracy over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    num = len(acc)
+    grid = np.array([[np.nan if v is None else v for v in row] for row in acc], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * num, 1.0 + 0.6 * num))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for t in range(num):
+        for i in range(t + 1):
+            ax.text(i, t, f"{grid[t, i]:.0f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set(xlabel="evaluated task i", ylabel="after training task t", title=title)
+    ax.set_xticks(range(num))
+    ax.set_yticks(range(num))
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(output_dir / "accuracy_matrix.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i in range(num):
+        ax.plot(range(i, num), grid[i:, i], marker="o", label=f"task {i}")
+    ax.plot(range(num), [np.nanmean(grid[t, : t + 1]) for t in range(num)], "k--", lw=2, label="mean of seen")
+    ax.set(xlabel="after training task", ylabel="accuracy (%)", ylim=(0, 100), title=title)
+    ax.set_xticks(range(num))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(output_dir / "accuracy_per_task.png", dpi=120)
+    plt.close(fig)
+
+
+def format_accuracy_table(acc: list[list[float | None]], metrics: dict[str, float | None]) -> str:
+    """The accuracy matrix and the summary metrics as a plain-text table."""
+    num = len(acc)
+    lines = ["after task | " + " ".join(f"T{i:<5}" for i in range(num)) + " | mean"]
+    for t, row in enumerate(acc):
+        cells = " ".join(f"{v:5.1f} " if v is not None else "   -  " for v in row)
+        seen = [v for v in row if v is not None]
+        lines.append(f"{t:>10} | {cells}| {sum(seen) / len(seen):5.1f}")
+    lines.append(
+        " ".join(f"{k.upper()} {v:.2f}" if v is not None else f"{k.upper()} n/a" for k, v in metrics.items())
+    )
+    return "\n".join(lines)

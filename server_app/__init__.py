@@ -1,0 +1,1 @@
+"""Flower ServerApp: the task/round loop, evaluation and results files."""

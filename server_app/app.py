@@ -1,0 +1,18 @@
+"""The ServerApp: compose the config named in the run config and run the experiment."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedcil.config import compose_config
+from server_app.loop import run_experiment
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Federated class-incremental training, as configured by ``config-name`` + ``overrides``."""
+    cfg = compose_config(str(context.run_config["config-name"]), str(context.run_config["overrides"]))
+    run_experiment(grid, cfg)

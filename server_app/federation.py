@@ -1,0 +1,79 @@
+"""The Flower-facing part of a round: find nodes, sample, send, receive, measure bytes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid
+
+from fedcil.errors import ConfigError
+from fedcil.protocol import ClientUpdate, decode_reply
+
+
+@dataclass
+class RoundExchange:
+    """The outcome of one round's message exchange."""
+
+    updates: list[ClientUpdate]
+    bytes_up: int
+    bytes_down: int
+    sampled: list[int]
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def message_bytes(message: Message) -> int:
+    """Size of a message as serialised on the wire (protobuf)."""
+    return message_to_proto(message).ByteSize()
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    """Node ids once ``expected`` SuperNodes are connected; a clear error otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) > expected or (len(nodes) < expected and time.monotonic() > deadline):
+            raise ConfigError(
+                f"config num_clients={expected} but the federation has {len(nodes)} SuperNodes; "
+                f"run with --federation-config 'num-supernodes={expected}' or set num_clients={len(nodes)}"
+            )
+        if len(nodes) == expected:
+            return nodes
+        time.sleep(0.5)
+
+
+def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Generator) -> list[int]:
+    """``max(1, round(fraction * K))`` distinct nodes, in sorted order."""
+    count = max(1, int(round(fraction * len(node_ids))))
+    picks = rng.choice(len(node_ids), size=count, replace=False)  # positions: ids are uint64
+    return sorted(node_ids[int(i)] for i in picks)
+
+
+def exchange(grid: Grid, content: RecordDict, node_ids: list[int], timeout: float | None) -> RoundExchange:
+    """Send one training request to each node and collect the valid replies."""
+    messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+    result = RoundExchange(updates=[], bytes_up=0, bytes_down=sum(message_bytes(m) for m in messages), sampled=node_ids)
+    replied = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = int(reply.metadata.src_node_id)
+        replied.add(node)
+        if reply.has_error():
+            result.failed[node] = f"client error: {reply.error.reason}"
+            continue
+        result.bytes_up += message_bytes(reply)
+        try:
+            result.updates.append(decode_reply(node, reply.content))
+        except (KeyError, TypeError, ValueError) as exc:
+            result.failed[node] = f"malformed reply: {exc!r}"
+    for node in node_ids:
+        if node not in replied:
+            result.failed[node] = "no reply before the round timeout"
+    for node, reason in result.failed.items():
+        log(WARNING, "node %s left out of the round: %s", node, reason)
+    return result

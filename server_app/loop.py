@@ -1,0 +1,119 @@
+"""The federated class-incremental run: tasks x rounds, evaluation, results files."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedcil.config import to_container
+from fedcil.errors import ConfigError
+from fedcil.experiment import Experiment, experiment_for
+from fedcil.metrics import summary
+from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
+from fedcil.protocol import encode_request
+from fedcil.results import format_accuracy_table, write_results
+from fedcil.training import evaluate_seen_tasks
+from server_app.federation import exchange, sample_nodes, wait_for_nodes
+from strategies import build_strategy
+
+
+def resolve_output_dir(cfg: DictConfig, now: datetime | None = None) -> Path:
+    """``cfg.output_dir`` (must be absolute) or ``<cwd>/outputs/<stamp>_<method>_<dataset>_s<seed>``."""
+    if cfg.output_dir:
+        path = Path(cfg.output_dir)
+        if not path.is_absolute():
+            raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path")
+        return path
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path.cwd() / "outputs" / f"{stamp}_{cfg.method.name}_{cfg.dataset.name}_s{cfg.seed}"
+
+
+class Evaluator:
+    """Server-side evaluation of a trainable state on the test classes seen so far."""
+
+    def __init__(self, cfg: DictConfig, experiment: Experiment) -> None:
+        data = experiment.data
+        self.model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
+        self.experiment = experiment
+        self.batch_size = cfg.eval_batch_size
+        self.device = resolve_device(cfg.device)
+
+    def __call__(self, state: dict, task: int) -> tuple[list[float], list[int]]:
+        set_trainable_state(self.model, state)
+        return evaluate_seen_tasks(self.model, self.experiment, task, self.batch_size, self.device)
+
+
+def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
+    """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
+    started = time.monotonic()
+    output_dir = resolve_output_dir(cfg)
+    experiment = experiment_for(cfg)
+    evaluator = Evaluator(cfg, experiment)
+    strategy = build_strategy(cfg, get_trainable_state(evaluator.model))
+    nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
+    rng = np.random.default_rng(cfg.seed)
+    num_tasks, rounds_per_task = experiment.num_tasks, cfg.rounds_per_task
+    total_rounds = num_tasks * rounds_per_task
+    log(INFO, "%s on %s: %d tasks x %d rounds, %d clients, output %s",
+        cfg.method.name, cfg.dataset.name, num_tasks, rounds_per_task, len(nodes), output_dir)
+
+    accuracy_matrix: list[list[float | None]] = []
+    rounds: list[dict] = []
+    counts: list[int] = []
+    for task in range(num_tasks):
+        strategy.start_task(task)
+        for server_round in range(rounds_per_task):
+            round_start = time.monotonic()
+            sampled = sample_nodes(nodes, cfg.fraction_train, rng)
+            plan = strategy.configure_round(task, server_round)
+            result = exchange(grid, encode_request(plan, task, server_round), sampled, cfg.round_timeout)
+            if not result.updates:
+                raise RuntimeError(f"task {task} round {server_round}: no valid client reply; stopping")
+            strategy.aggregate_round(task, server_round, result.updates)
+            last = server_round == rounds_per_task - 1
+            if last:
+                strategy.end_task(task)
+            accuracy = None
+            if cfg.eval_every_round or last:
+                per_task, counts = evaluator(strategy.evaluation_state(), task)
+                accuracy = float(np.average(per_task, weights=counts))
+                if last:
+                    accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
+            loss = float(np.average([u.loss for u in result.updates], weights=[u.num_examples for u in result.updates]))
+            seconds = time.monotonic() - round_start
+            rounds.append({
+                "task": task, "round": server_round, "clients": len(result.updates), "loss": loss,
+                "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
+                "seconds": seconds, "missing": sorted(result.failed),
+            })
+            done = len(rounds)
+            eta = (time.monotonic() - started) / done * (total_rounds - done)
+            log(INFO, "[task %d/%d round %d/%d] loss %.4f  acc(seen) %s  clients %d  %.1fs  ETA %ds",
+                task + 1, num_tasks, server_round + 1, rounds_per_task, loss,
+                "-" if accuracy is None else f"{accuracy:.2f}%", len(result.updates), seconds, eta)
+
+    metrics = summary(accuracy_matrix, counts)
+    results = {
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "num_tasks": num_tasks,
+        "num_clients": cfg.num_clients,
+        "accuracy_matrix": accuracy_matrix,
+        **metrics,
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "rounds": rounds,
+        "wall_seconds": time.monotonic() - started,
+        "config": to_container(cfg),
+    }
+    write_results(output_dir, results)
+    log(INFO, "accuracy (%%) per task:\n%s", format_accuracy_table(accuracy_matrix, metrics))
+    log(INFO, "results written to %s", output_dir)
+    return results

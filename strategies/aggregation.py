@@ -1,0 +1,31 @@
+"""Pure aggregation helpers on tensors (no Flower, no strategy state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedcil.protocol import ClientUpdate, TensorDict
+
+
+def sample_shares(updates: Sequence[ClientUpdate]) -> list[float]:
+    """p_k = n_k / sum_j n_j."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError("no training examples in the round's replies")
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_k w_k T_k, accumulated in float64 and returned in the inputs' dtype."""
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights, strict=True):
+        acc += weight * tensor.to(torch.float64)
+    return acc.to(tensors[0].dtype)
+
+
+def average_updates(updates: Sequence[ClientUpdate], keys: Sequence[str]) -> TensorDict:
+    """Sample-weighted average of each named tensor over the clients' replies."""
+    shares = sample_shares(updates)
+    return {key: weighted_average([u.tensors[key] for u in updates], shares) for key in keys}

@@ -1,0 +1,42 @@
+"""The interface every federated class-incremental method implements.
+
+A strategy owns the server-side state of one method. For every round the ServerApp asks
+it what to send (:meth:`FederatedStrategy.configure_round`), delivers the clients'
+replies to :meth:`FederatedStrategy.aggregate_round`, and calls the task hooks around
+each task. Strategies see tensors and numbers only, never Flower messages, so each one
+is testable without Flower.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from omegaconf import DictConfig
+
+from fedcil.protocol import ClientUpdate, RoundPlan, TensorDict
+
+
+class FederatedStrategy(ABC):
+    """Base class: holds the global trainable state and the experiment config."""
+
+    def __init__(self, cfg: DictConfig, initial_state: TensorDict) -> None:
+        self.cfg = cfg
+        self.state: TensorDict = {k: v.clone() for k, v in initial_state.items()}
+
+    def start_task(self, task: int) -> None:
+        """Hook called before the first round of ``task``."""
+
+    @abstractmethod
+    def configure_round(self, task: int, server_round: int) -> RoundPlan:
+        """What to send to every sampled client in this round."""
+
+    @abstractmethod
+    def aggregate_round(self, task: int, server_round: int, updates: list[ClientUpdate]) -> None:
+        """Merge the clients' replies into ``self.state``."""
+
+    def end_task(self, task: int) -> None:
+        """Hook called after the last round of ``task``."""
+
+    def evaluation_state(self) -> TensorDict:
+        """The trainable state the server evaluates (default: the current global state)."""
+        return self.state

@@ -55,7 +55,7 @@ def _check_group_choices(overrides: list[str]) -> None:
             value = override.value()
             if value not in group_options(override.key_or_group):
                 raise choices_error(
-                    f"option for group '{override.key_or_group}'",
+                    f"{override.key_or_group} option",
                     value,
                     group_options(override.key_or_group),
                 )

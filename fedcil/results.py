@@ -7,10 +7,19 @@ import json
 import math
 import os
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 ROUND_FIELDS = ("task", "round", "clients", "loss", "accuracy", "bytes_up", "bytes_down", "seconds")
+
+
+def default_output_dir(cfg: DictConfig, root: Path) -> Path:
+    """``<root>/outputs/<date-time>_<method>_<dataset>_s<seed>`` (absolute)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root.resolve() / "outputs" / f"{stamp}_{cfg.method.name}_{cfg.dataset.name}_s{cfg.seed}"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from logging import INFO
 from pathlib import Path
 
@@ -18,21 +17,20 @@ from fedcil.experiment import Experiment, experiment_for
 from fedcil.metrics import summary
 from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
 from fedcil.protocol import encode_request
-from fedcil.results import format_accuracy_table, write_results
+from fedcil.results import default_output_dir, format_accuracy_table, write_results
 from fedcil.training import evaluate_seen_tasks
 from server_app.federation import exchange, sample_nodes, wait_for_nodes
 from strategies import build_strategy
 
 
-def resolve_output_dir(cfg: DictConfig, now: datetime | None = None) -> Path:
-    """``cfg.output_dir`` (must be absolute) or ``<cwd>/outputs/<stamp>_<method>_<dataset>_s<seed>``."""
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output_dir`` (must be absolute), else a new folder under ``<cwd>/outputs``."""
     if cfg.output_dir:
         path = Path(cfg.output_dir)
         if not path.is_absolute():
             raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path")
         return path
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return Path.cwd() / "outputs" / f"{stamp}_{cfg.method.name}_{cfg.dataset.name}_s{cfg.seed}"
+    return default_output_dir(cfg, Path.cwd())
 
 
 class Evaluator:

@@ -1,0 +1,138 @@
+"""``fcil-run``: validate a config, then run it with ``flwr run`` as a local simulation.
+
+It does what a careful user would do by hand: check the config before starting anything
+(one-line error on a bad name), give Flower its own home and ports, start the simulation
+with as many SuperNodes as ``num_clients``, stream the logs, check the run's final status
+with ``flwr list``, and stop the local SuperLink it started.
+
+    fcil-run                                   # the quickstart
+    fcil-run dataset=fashion_mnist partition.beta=0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+
+from fedcil.config import compose_config
+from fedcil.errors import ConfigError
+from fedcil.results import default_output_dir
+
+APP_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 39091
+
+
+def superlink_port() -> int:
+    """The local SuperLink port flwr uses (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``)."""
+    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", DEFAULT_PORT))
+
+
+def superlink_running(port: int) -> bool:
+    """Whether a local SuperLink answers on ``port``."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def stop_superlink(port: int) -> None:
+    """Terminate the process listening on ``port`` and its children (superexec, Ray)."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            proc = psutil.Process(conn.pid)
+            family = proc.children(recursive=True) + [proc]
+            for p in family:
+                p.terminate()
+            _, alive = psutil.wait_procs(family, timeout=10)
+            for p in alive:
+                p.kill()
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for ``flwr``: own home, no telemetry, no per-run dependency installs."""
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(flwr_home))
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_status(run_id: str, env: dict[str, str], cwd: Path) -> tuple[str, str]:
+    """``(status, details)`` of a run from ``flwr list --run-id ID --format json``."""
+    out = subprocess.run(
+        ["flwr", "list", "--run-id", run_id, "--format", "json"], env=env, cwd=cwd, capture_output=True, text=True
+    )
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown", (out.stdout + out.stderr).strip()[-500:]
+    return run["status"], run.get("status-details", "")
+
+
+def launch(config_name: str, overrides: list[str], keep_superlink: bool = False) -> Path:
+    """Run one experiment; return its output directory. Raises on a failed run."""
+    cfg = compose_config(config_name, overrides)  # fails here, before Flower starts, on a bad name
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
+    out = Path(given[-1]).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())
+    overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out}"]
+    home = Path(os.environ.get("FLWR_HOME", APP_DIR / ".flwr-home")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    env = flower_env(home)
+    port = superlink_port()
+    started_here = not superlink_running(port)
+    quoted = " ".join(overrides).replace('"', '\\"')
+    command = [
+        "flwr", "run", str(APP_DIR), "--stream",
+        "--federation-config", f"num-supernodes={cfg.num_clients}",
+        "--run-config", f'config-name="{config_name}" overrides="{quoted}"',
+    ]
+    run_id = None
+    try:
+        # Started outside the app directory, so that Ray workers import the installed app.
+        with subprocess.Popen(command, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                match = re.search(r"Successfully started run (\d+)", line)
+                run_id = run_id or (match.group(1) if match else None)
+        if run_id is None:
+            raise RuntimeError(f"flwr run did not start a run (exit code {proc.returncode})")
+        status, details = run_status(run_id, env, home)
+        if status != "finished:completed":
+            raise RuntimeError(f"run {run_id} ended {status}: {details}")
+    finally:
+        if started_here and not keep_superlink:
+            stop_superlink(port)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    parser = argparse.ArgumentParser(prog="fcil-run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=fashion_mnist partition.beta=0.1")
+    parser.add_argument("--config-name", default="config", help="top-level config in conf/ (default: config)")
+    parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running")
+    args = parser.parse_args(argv)
+    try:
+        out = launch(args.config_name, args.overrides, args.keep_superlink)
+    except ConfigError as exc:
+        print(f"fcil-run: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"fcil-run: {exc}", file=sys.stderr)
+        return 1
+    print(f"fcil-run: results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

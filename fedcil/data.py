@@ -121,11 +121,16 @@ IDX_FILES = {
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (optionally gzipped) into a numpy array of its stored shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, gzip.BadGzipFile) as exc:
+        raise ConfigError(f"{path} is truncated or not gzip: {exc}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ConfigError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ConfigError(f"{path} is truncated: header of {ndim} dimensions cut short")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -159,6 +164,12 @@ def load_fashion_mnist(cfg: DictConfig) -> ImageData:
             "run `apt-get install dataset-fashion-mnist`, or set dataset.root, or dataset.download=true"
         )
     arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise ConfigError(
+                f"Fashion-MNIST {split} files in {root} disagree: {len(arrays[f'{split}_images'])} images, "
+                f"{len(arrays[f'{split}_labels'])} labels"
+            )
     train_labels = arrays["train_labels"].astype(np.int64)
     test_labels = arrays["test_labels"].astype(np.int64)
     return ImageData(
@@ -206,7 +217,10 @@ def image_folder(root: Path, image_size: int):
     transform = transforms.Compose(
         [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
     )
-    return ImageFolder(str(root), transform=transform)
+    try:
+        return ImageFolder(str(root), transform=transform)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"image folder {root}: {exc} (expected {root}/<class>/<image files>)") from None
 
 
 @DATASETS.register("imagenet_r")

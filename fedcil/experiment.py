@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedcil.data import ImageData, load_dataset
+from fedcil.errors import ConfigError
 from fedcil.partition import partition_task
 from fedcil.tasks import TaskSplit, make_task_split
 
@@ -64,6 +65,20 @@ class Experiment:
         return np.flatnonzero(self.split.task_of(self.test_labels) == task)
 
 
+def cap_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """Labels with all but a seeded ``cap`` samples of each class set to -1 (left out)."""
+    if cap is None:
+        return labels
+    if cap < 1:
+        raise ConfigError(f"per-class cap {cap} must be >= 1 (or null for all samples)")
+    rng = np.random.default_rng(seed)
+    kept = labels.copy()
+    for cls in np.unique(labels[labels >= 0]):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        kept[members[cap:]] = -1
+    return kept
+
+
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Load the data set and cut it into tasks as ``cfg`` says."""
     data = load_dataset(cfg.dataset)
@@ -72,8 +87,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         cfg=cfg,
         data=data,
         split=split,
-        train_labels=split.remap(data.train_labels),
-        test_labels=split.remap(data.test_labels),
+        train_labels=cap_per_class(split.remap(data.train_labels), cfg.train_per_class, cfg.seed),
+        test_labels=cap_per_class(split.remap(data.test_labels), cfg.test_per_class, cfg.seed),
     )
 
 

@@ -1,0 +1,114 @@
+"""Real Flower simulations (SuperLink, SuperExec, Ray) driven through ``fcil-run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+
+import torch
+
+from client_app.local_round import run_local_round
+from fedcil.config import compose_config
+from fedcil.experiment import experiment_for
+from fedcil.launch import launch, superlink_running
+from fedcil.model import get_trainable_state, model_for, set_trainable_state
+from fedcil.protocol import ClientUpdate, TrainRequest
+from fedcil.training import evaluate_seen_tasks
+from strategies import build_strategy
+
+pytestmark = pytest.mark.e2e
+
+RESULT_KEYS = {
+    "method", "dataset", "num_tasks", "num_clients", "accuracy_matrix", "faa", "faa_weighted", "aia",
+    "forgetting", "bwt", "bytes_up", "bytes_down", "rounds", "wall_seconds", "config",
+}
+TINY = ["num_tasks=2", "rounds_per_task=2", "num_clients=3", "local_epochs=3"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def flower_home(tmp_path, monkeypatch):
+    """A private FLWR_HOME and SuperLink port; checks no SuperLink is left running."""
+    port = free_port()
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
+    yield tmp_path
+    assert not superlink_running(port)
+    listeners = [c for c in psutil.net_connections(kind="tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN]
+    assert not listeners
+
+
+def check_results(out: Path, dataset: str, num_classes_per_task: int) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert (results["method"], results["dataset"], results["num_tasks"], results["num_clients"]) == (
+        "fedavg_lora", dataset, 2, 3)
+    matrix = results["accuracy_matrix"]
+    assert len(matrix) == 2 and matrix[0][1] is None and None not in matrix[1]
+    # above chance: the first task's accuracy right after it (chance = 1 / classes in it)
+    assert matrix[0][0] > 100 / num_classes_per_task + 10
+    assert results["faa"] == pytest.approx(sum(matrix[1]) / 2)
+    assert len(results["rounds"]) == 4 and all(r["clients"] == 3 for r in results["rounds"])
+    assert results["bytes_up"] == sum(r["bytes_up"] for r in results["rounds"]) > 0
+    assert results["bytes_down"] == sum(r["bytes_down"] for r in results["rounds"]) > results["bytes_up"] / 3
+    assert results["config"]["dataset"]["name"] == dataset
+    for name in ("rounds.csv", "accuracy_matrix.png", "accuracy_per_task.png"):
+        assert (out / name).stat().st_size > 0
+    assert len((out / "rounds.csv").read_text().strip().splitlines()) == 5
+    return results
+
+
+def in_process_accuracy_matrix(overrides: list[str]) -> list[list[float]]:
+    """The same federated run as a plain loop over clients, without Flower."""
+    cfg = compose_config("config", overrides)
+    experiment = experiment_for(cfg)
+    data = experiment.data
+    model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
+    strategy = build_strategy(cfg, get_trainable_state(model))
+    matrix = []
+    for task in range(cfg.num_tasks):
+        for server_round in range(cfg.rounds_per_task):
+            plan = strategy.configure_round(task, server_round)
+            request = TrainRequest(task, server_round, plan.state, plan.train_groups, {})
+            updates = []
+            for client in range(cfg.num_clients):
+                tensors, count, loss = run_local_round(cfg, request, client, cfg.num_clients)
+                updates.append(ClientUpdate(client, tensors, count, loss))
+            strategy.aggregate_round(task, server_round, updates)
+        set_trainable_state(model, strategy.evaluation_state())
+        matrix.append(evaluate_seen_tasks(model, experiment, task, cfg.eval_batch_size, torch.device("cpu"))[0])
+    return matrix
+
+
+def test_digits_simulation_matches_the_loop_without_flower(flower_home):
+    overrides = [*TINY, "partition=iid"]
+    out = launch("config", [*overrides, f"output_dir={flower_home / 'digits'}"])
+    results = check_results(out, "digits", 5)
+    expected = in_process_accuracy_matrix(overrides)
+    for row, expected_row in zip(results["accuracy_matrix"], expected):
+        assert [v for v in row if v is not None] == pytest.approx(expected_row, abs=1.0)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_simulation(flower_home):
+    out = launch(
+        "config",
+        [*TINY, "dataset=fashion_mnist", "train_per_class=200", "test_per_class=200", f"output_dir={flower_home / 'fm'}"],
+    )
+    check_results(out, "fashion_mnist", 5)
+
+
+def test_a_failing_server_app_is_reported(flower_home):
+    """A run that fails inside the ServerApp (missing data) is an error, not a silent exit 0."""
+    with pytest.raises(RuntimeError, match="finished:failed.*not found in /nonexistent"):
+        launch("config", [*TINY, "dataset=fashion_mnist", "dataset.root=/nonexistent", f"output_dir={flower_home / 'x'}"])

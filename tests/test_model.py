@@ -1,0 +1,118 @@
+"""Frozen timm ViT + PEFT LoRA + head: what trains, what stays, what the adapter computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from client_app.local_round import run_local_round
+from fedcil.config import compose_config
+from fedcil.errors import ConfigError
+from fedcil.experiment import experiment_for
+from fedcil.model import (
+    build_model,
+    get_trainable_state,
+    lora_target_regex,
+    model_for,
+    param_group,
+    resolve_device,
+    set_trainable_state,
+    trainable_parameters,
+)
+from fedcil.protocol import TrainRequest
+
+
+def make(cfg, **lora):
+    lora_cfg = OmegaConf.merge(cfg.lora, lora)
+    return build_model(cfg.model, lora_cfg, num_classes=10, in_chans=1, image_size=8, seed=cfg.seed)
+
+
+def backbone_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.backbone.state_dict().items() if "lora_" not in k}
+
+
+def test_only_lora_and_head_require_grad(cfg):
+    model = make(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith("head.") for n in trainable)
+    names = set(trainable_parameters(model))
+    depth = cfg.model.kwargs.depth
+    assert len([n for n in names if n.endswith("lora_A")]) == 4 * depth
+    assert {param_group(n) for n in names} == {"lora_A", "lora_B", "head"}
+
+
+def test_lora_placement_follows_targets_and_blocks(cfg):
+    model = make(cfg, targets=["qkv", "fc2"], blocks=[0, 2])
+    factors = sorted(n for n in trainable_parameters(model) if ".lora_" in n)
+    assert factors == sorted(
+        f"blocks.{b}.{m}.lora_{f}" for b in (0, 2) for m in ("attn.qkv", "mlp.fc2") for f in "AB"
+    )
+    with pytest.raises(ConfigError, match="valid choices: qkv, proj, fc1, fc2"):
+        lora_target_regex(["q"], None)
+
+
+def test_adapter_computes_w0_plus_scaled_ba(cfg):
+    """The PEFT layer's output equals x (W0 + alpha/r B A)^T + b computed by hand."""
+    model = make(cfg)
+    layer = model.backbone.blocks[1].attn.qkv
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    w0, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(7, w0.shape[1])
+    expected = F.linear(x, w0 + (cfg.lora.alpha / cfg.lora.rank) * b @ a, bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_is_deterministic_from_seed(cfg):
+    a, b = backbone_weights(make(cfg)), backbone_weights(make(cfg))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = compose_config("config", ["seed=1"])
+    c = backbone_weights(build_model(other.model, other.lora, 10, 1, 8, seed=1))
+    assert not torch.equal(a["blocks.0.attn.qkv.base_layer.weight"], c["blocks.0.attn.qkv.base_layer.weight"])
+
+
+def test_trainable_state_round_trip_and_mismatch(cfg):
+    model = make(cfg)
+    state = {k: torch.randn_like(v) for k, v in get_trainable_state(model).items()}
+    set_trainable_state(model, state)
+    assert all(torch.equal(state[k], v) for k, v in get_trainable_state(model).items())
+    with pytest.raises(ValueError, match="missing"):
+        set_trainable_state(model, {k: v for k, v in state.items() if k != "head.bias"})
+    state["head.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        set_trainable_state(model, state)
+
+
+def test_a_client_round_changes_only_the_requested_groups(cfg):
+    """After a real local round the frozen backbone is bit-identical; A, B and head moved."""
+    data = experiment_for(cfg).data
+    model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
+    start = get_trainable_state(model)
+    frozen = backbone_weights(model)
+    request = TrainRequest(task=1, server_round=0, state=start, train_groups=("lora_B", "head"), extra={})
+    tensors, num_examples, loss = run_local_round(cfg, request, partition_id=2, num_partitions=cfg.num_clients)
+    assert set(tensors) == {k for k in start if param_group(k) in ("lora_B", "head")}
+    assert num_examples == len(experiment_for(cfg).client_indices(1, 2)) and loss > 0
+    assert all(torch.equal(frozen[k], v) for k, v in backbone_weights(model).items())
+    after = get_trainable_state(model)
+    assert all(torch.equal(start[k], after[k]) for k in start if param_group(k) == "lora_A")
+    assert any(not torch.equal(start[k], after[k]) for k in start if param_group(k) == "lora_B")
+    # only the current task's head rows (classes 2, 3) receive gradient
+    moved_rows = (after["head.weight"] != start["head.weight"]).any(dim=1).nonzero().flatten().tolist()
+    assert moved_rows == [2, 3]
+
+
+def test_client_rejects_a_federation_of_the_wrong_size(cfg):
+    request = TrainRequest(task=0, server_round=0, state={}, train_groups=("head",), extra={})
+    with pytest.raises(ConfigError, match="num-partitions=3 != config num_clients=5"):
+        run_local_round(cfg, request, partition_id=0, num_partitions=3)
+
+
+def test_device_auto_and_bad_device():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="valid choices: auto, cpu"):
+        resolve_device("tpu")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -15,7 +17,7 @@ import torch
 from client_app.local_round import run_local_round
 from fedcil.config import compose_config
 from fedcil.experiment import experiment_for
-from fedcil.launch import launch, superlink_running
+from fedcil.launch import APP_DIR, flower_env, launch, run_status, stop_superlink, superlink_port, superlink_running
 from fedcil.model import get_trainable_state, model_for, set_trainable_state
 from fedcil.protocol import ClientUpdate, TrainRequest
 from fedcil.training import evaluate_seen_tasks
@@ -112,3 +114,20 @@ def test_a_failing_server_app_is_reported(flower_home):
     """A run that fails inside the ServerApp (missing data) is an error, not a silent exit 0."""
     with pytest.raises(RuntimeError, match="finished:failed.*not found in /nonexistent"):
         launch("config", [*TINY, "dataset=fashion_mnist", "dataset.root=/nonexistent", f"output_dir={flower_home / 'x'}"])
+
+
+def test_federation_smaller_than_num_clients_fails_clearly(flower_home):
+    """Plain `flwr run` with 2 SuperNodes for a 3-client config: the run fails and says why."""
+    env = flower_env(flower_home / "flwr-home")
+    command = [
+        "flwr", "run", str(APP_DIR), "--stream", "--federation-config", "num-supernodes=2",
+        "--run-config", 'overrides="num_clients=3 node_wait_seconds=1"',
+    ]
+    try:
+        out = subprocess.run(command, env=env, cwd=flower_home, capture_output=True, text=True, timeout=300)
+        run_id = re.search(r"Successfully started run (\d+)", out.stdout).group(1)
+        status, details = run_status(run_id, env, flower_home)
+    finally:
+        stop_superlink(superlink_port())
+    assert status == "finished:failed"
+    assert "num_clients=3 but the federation has 2 SuperNodes" in details + out.stdout

@@ -116,3 +116,21 @@ def test_device_auto_and_bad_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="valid choices: auto, cpu"):
         resolve_device("tpu")
+
+
+def test_local_checkpoint_loads_strictly_into_the_backbone(cfg, tmp_path):
+    from safetensors.torch import save_file
+
+    source = make(compose_config("config", ["seed=5"]))
+    weights = {k: v for k, v in source.backbone.state_dict().items() if "lora_" not in k}
+    plain = {k.replace(".base_layer.", "."): v.contiguous() for k, v in weights.items()}
+    save_file(plain, str(tmp_path / "backbone.safetensors"))
+    loaded = make(OmegaConf.merge(cfg, {"model": {"pretrained_path": str(tmp_path / "backbone.safetensors")}}))
+    got = backbone_weights(loaded)
+    assert all(torch.equal(got[k], weights[k]) for k in weights)
+    plain["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    save_file(plain, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConfigError, match="does not match model"):
+        make(OmegaConf.merge(cfg, {"model": {"pretrained_path": str(tmp_path / "bad.safetensors")}}))
+    with pytest.raises(ConfigError, match="does not exist"):
+        make(OmegaConf.merge(cfg, {"model": {"pretrained_path": str(tmp_path / "none.safetensors")}}))

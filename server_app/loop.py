@@ -19,8 +19,8 @@ from fedcil.model import get_trainable_state, model_for, resolve_device, set_tra
 from fedcil.protocol import encode_request
 from fedcil.results import default_output_dir, format_accuracy_table, write_results
 from fedcil.training import evaluate_seen_tasks
-from server_app.federation import exchange, sample_nodes, wait_for_nodes
-from strategies import build_strategy
+from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
+from strategies import FederatedStrategy, build_strategy
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
@@ -48,6 +48,20 @@ class Evaluator:
         return evaluate_seen_tasks(self.model, self.experiment, task, self.batch_size, self.device)
 
 
+def train_round(
+    grid: Grid, cfg: DictConfig, strategy: FederatedStrategy, nodes: list[int],
+    rng: np.random.Generator, task: int, server_round: int,
+) -> RoundExchange:
+    """Sample clients, send the strategy's plan, merge the valid replies; the exchange."""
+    sampled = sample_nodes(nodes, cfg.fraction_train, rng)
+    plan = strategy.configure_round(task, server_round)
+    result = exchange(grid, encode_request(plan, task, server_round), sampled, cfg.round_timeout)
+    if not result.updates:
+        raise RuntimeError(f"task {task} round {server_round}: no valid client reply; stopping")
+    strategy.aggregate_round(task, server_round, result.updates)
+    return result
+
+
 def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
     started = time.monotonic()
@@ -58,7 +72,6 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
     rng = np.random.default_rng(cfg.seed)
     num_tasks, rounds_per_task = experiment.num_tasks, cfg.rounds_per_task
-    total_rounds = num_tasks * rounds_per_task
     log(INFO, "%s on %s: %d tasks x %d rounds, %d clients, output %s",
         cfg.method.name, cfg.dataset.name, num_tasks, rounds_per_task, len(nodes), output_dir)
 
@@ -69,12 +82,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
         strategy.start_task(task)
         for server_round in range(rounds_per_task):
             round_start = time.monotonic()
-            sampled = sample_nodes(nodes, cfg.fraction_train, rng)
-            plan = strategy.configure_round(task, server_round)
-            result = exchange(grid, encode_request(plan, task, server_round), sampled, cfg.round_timeout)
-            if not result.updates:
-                raise RuntimeError(f"task {task} round {server_round}: no valid client reply; stopping")
-            strategy.aggregate_round(task, server_round, result.updates)
+            result = train_round(grid, cfg, strategy, nodes, rng, task, server_round)
             last = server_round == rounds_per_task - 1
             if last:
                 strategy.end_task(task)
@@ -84,18 +92,17 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
                 accuracy = float(np.average(per_task, weights=counts))
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
-            loss = float(np.average([u.loss for u in result.updates], weights=[u.num_examples for u in result.updates]))
-            seconds = time.monotonic() - round_start
+            updates = result.updates
             rounds.append({
-                "task": task, "round": server_round, "clients": len(result.updates), "loss": loss,
+                "task": task, "round": server_round, "clients": len(updates),
+                "loss": float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates])),
                 "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
-                "seconds": seconds, "missing": sorted(result.failed),
+                "seconds": time.monotonic() - round_start, "missing": sorted(result.failed),
             })
-            done = len(rounds)
-            eta = (time.monotonic() - started) / done * (total_rounds - done)
+            eta = (time.monotonic() - started) / len(rounds) * (num_tasks * rounds_per_task - len(rounds))
             log(INFO, "[task %d/%d round %d/%d] loss %.4f  acc(seen) %s  clients %d  %.1fs  ETA %ds",
-                task + 1, num_tasks, server_round + 1, rounds_per_task, loss,
-                "-" if accuracy is None else f"{accuracy:.2f}%", len(result.updates), seconds, eta)
+                task + 1, num_tasks, server_round + 1, rounds_per_task, rounds[-1]["loss"],
+                "-" if accuracy is None else f"{accuracy:.2f}%", len(updates), rounds[-1]["seconds"], eta)
 
     metrics = summary(accuracy_matrix, counts)
     results = {

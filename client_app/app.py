@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -16,6 +17,7 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train LoRA + head on this node's partition of the current task."""
     cfg = compose_config(str(context.run_config["config-name"]), str(context.run_config["overrides"]))
+    torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
     request = decode_request(msg.content)
     tensors, num_examples, loss = run_local_round(
         cfg,

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +28,20 @@ def parse_overrides(overrides: str | Sequence[str]) -> list[str]:
     if isinstance(overrides, str):
         return shlex.split(overrides)
     return list(overrides)
+
+
+def quote_value(value: str) -> str:
+    """A string as a quoted Hydra override value (safe with ``=``, ``,``, spaces)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override_values(overrides: Sequence[str]) -> dict[str, object]:
+    """``{key: value}`` of overrides as Hydra parses them (quotes removed)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}") from None
+    return {o.key_or_group: o.value() for o in parsed}
 
 
 def config_names() -> list[str]:
@@ -45,20 +60,9 @@ def config_groups() -> list[str]:
 
 
 def _check_group_choices(overrides: list[str]) -> None:
-    groups = set(config_groups())
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
-    except HydraException as exc:
-        raise ConfigError(f"cannot parse overrides {overrides}: {str(exc).splitlines()[0]}") from None
-    for override in parsed:
-        if override.key_or_group in groups and not override.is_delete():
-            value = override.value()
-            if value not in group_options(override.key_or_group):
-                raise choices_error(
-                    f"{override.key_or_group} option",
-                    value,
-                    group_options(override.key_or_group),
-                )
+    for key, value in override_values(overrides).items():
+        if key in config_groups() and value is not None and value not in group_options(key):
+            raise choices_error(f"{key} option", value, group_options(key))
 
 
 def _unknown_key_error(config_name: str, overrides: list[str], message: str) -> ConfigError:
@@ -80,6 +84,8 @@ def _unknown_key_error(config_name: str, overrides: list[str], message: str) -> 
 
 
 def _compose_raw(config_name: str, overrides: list[str]) -> DictConfig:
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (fcil-sweep) over conf/
+        return compose(config_name=config_name, overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name=config_name, overrides=overrides)
 

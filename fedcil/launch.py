@@ -15,14 +15,19 @@ import argparse
 import json
 import os
 import re
+import shlex
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
+import tomli_w
+from omegaconf import DictConfig
 
-from fedcil.config import compose_config
+from fedcil.config import compose_config, override_values, quote_value
 from fedcil.errors import ConfigError
 from fedcil.results import default_output_dir
 
@@ -30,9 +35,25 @@ APP_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 39091
 
 
-def superlink_port() -> int:
-    """The local SuperLink port flwr uses (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``)."""
-    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", DEFAULT_PORT))
+@dataclass(frozen=True)
+class FlowerSite:
+    """Where a local simulation runs: Flower's home directory and the SuperLink's port."""
+
+    home: Path
+    port: int
+
+    @classmethod
+    def from_env(cls) -> FlowerSite:
+        """``FLWR_HOME`` (default ``.flwr-home`` in the app) and ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``."""
+        home = Path(os.environ.get("FLWR_HOME", APP_DIR / ".flwr-home")).resolve()
+        return cls(home, int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", DEFAULT_PORT)))
+
+    @classmethod
+    def isolated(cls, home: Path) -> FlowerSite:
+        """A private site: its own home and a free port (parallel runs do not meet)."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return cls(home.resolve(), sock.getsockname()[1])
 
 
 def superlink_running(port: int) -> bool:
@@ -56,14 +77,24 @@ def stop_superlink(port: int) -> None:
                 p.kill()
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for ``flwr``: own home, no telemetry, no per-run dependency installs."""
+def flower_env(site: FlowerSite) -> dict[str, str]:
+    """Environment for ``flwr``: the site, no telemetry, no per-run dependency installs."""
     env = dict(os.environ)
-    env.setdefault("FLWR_HOME", str(flwr_home))
+    env["FLWR_HOME"] = str(site.home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(site.port)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def federation_config(cfg: DictConfig) -> str:
+    """``--federation-config`` for a simulation of ``cfg``: SuperNodes and client resources."""
+    res = cfg.client_resources
+    return (
+        f"num-supernodes={cfg.num_clients} "
+        f"client-resources-num-cpus={res.num_cpus} client-resources-num-gpus={res.num_gpus}"
+    )
 
 
 def run_status(run_id: str, env: dict[str, str], cwd: Path) -> tuple[str, str]:
@@ -78,27 +109,32 @@ def run_status(run_id: str, env: dict[str, str], cwd: Path) -> tuple[str, str]:
     return run["status"], run.get("status-details", "")
 
 
-def launch(config_name: str, overrides: list[str], keep_superlink: bool = False) -> Path:
+def launch(
+    config_name: str, overrides: list[str], keep_superlink: bool = False, site: FlowerSite | None = None
+) -> Path:
     """Run one experiment; return its output directory. Raises on a failed run."""
     cfg = compose_config(config_name, overrides)  # fails here, before Flower starts, on a bad name
-    given = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
-    out = Path(given[-1]).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())
-    overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={out}"]
-    home = Path(os.environ.get("FLWR_HOME", APP_DIR / ".flwr-home")).resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    env = flower_env(home)
-    port = superlink_port()
-    started_here = not superlink_running(port)
-    quoted = " ".join(overrides).replace('"', '\\"')
+    given = override_values(overrides).get("output_dir")
+    out = Path(str(given)).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())
+    overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={quote_value(str(out))}"]
+    site = site or FlowerSite.from_env()
+    site.home.mkdir(parents=True, exist_ok=True)
+    env = flower_env(site)
+    started_here = not superlink_running(site.port)
+    # Through a TOML file: flwr's inline --run-config cannot carry quotes.
+    run_config = site.home / f"run-config-{os.getpid()}.toml"
+    run_config.write_text(tomli_w.dumps({"config-name": config_name, "overrides": shlex.join(overrides)}))
     command = [
         "flwr", "run", str(APP_DIR), "--stream",
-        "--federation-config", f"num-supernodes={cfg.num_clients}",
-        "--run-config", f'config-name="{config_name}" overrides="{quoted}"',
+        "--federation-config", federation_config(cfg),
+        "--run-config", str(run_config),
     ]
     run_id = None
     try:
         # Started outside the app directory, so that Ray workers import the installed app.
-        with subprocess.Popen(command, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        with subprocess.Popen(
+            command, env=env, cwd=site.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 sys.stdout.flush()
@@ -106,12 +142,13 @@ def launch(config_name: str, overrides: list[str], keep_superlink: bool = False)
                 run_id = run_id or (match.group(1) if match else None)
         if run_id is None:
             raise RuntimeError(f"flwr run did not start a run (exit code {proc.returncode})")
-        status, details = run_status(run_id, env, home)
+        status, details = run_status(run_id, env, site.home)
         if status != "finished:completed":
             raise RuntimeError(f"run {run_id} ended {status}: {details}")
     finally:
+        run_config.unlink(missing_ok=True)
         if started_here and not keep_superlink:
-            stop_superlink(port)
+            stop_superlink(site.port)
     return out
 
 

@@ -53,6 +53,26 @@ def write_results(output_dir: Path, results: dict[str, Any]) -> None:
     plot_accuracy(output_dir, results["accuracy_matrix"], f"{results['method']} on {results['dataset']}")
 
 
+def matrix_grid(acc: list[list[float | None]]):
+    """The accuracy matrix as a float array with NaN above the diagonal."""
+    import numpy as np
+
+    return np.array([[np.nan if v is None else v for v in row] for row in acc], dtype=float)
+
+
+def draw_matrix(ax, grid, title: str) -> object:
+    """Heat map of one accuracy matrix (rows: after task t; columns: task i) on ``ax``."""
+    num = len(grid)
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for t in range(num):
+        for i in range(t + 1):
+            ax.text(i, t, f"{grid[t, i]:.0f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set(xlabel="evaluated task i", ylabel="after training task t", title=title)
+    ax.set_xticks(range(num))
+    ax.set_yticks(range(num))
+    return image
+
+
 def plot_accuracy(output_dir: Path, acc: list[list[float | None]], title: str) -> None:
     """Heat map of the accuracy matrix and curves of each task's accuracy over time."""
     import matplotlib
@@ -61,17 +81,10 @@ def plot_accuracy(output_dir: Path, acc: list[list[float | None]], title: str) -
     import matplotlib.pyplot as plt
     import numpy as np
 
-    num = len(acc)
-    grid = np.array([[np.nan if v is None else v for v in row] for row in acc], dtype=float)
+    grid = matrix_grid(acc)
+    num = len(grid)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * num, 1.0 + 0.6 * num))
-    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-    for t in range(num):
-        for i in range(t + 1):
-            ax.text(i, t, f"{grid[t, i]:.0f}", ha="center", va="center", color="w", fontsize=8)
-    ax.set(xlabel="evaluated task i", ylabel="after training task t", title=title)
-    ax.set_xticks(range(num))
-    ax.set_yticks(range(num))
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    fig.colorbar(draw_matrix(ax, grid, title), ax=ax, label="accuracy (%)")
     fig.tight_layout()
     fig.savefig(output_dir / "accuracy_matrix.png", dpi=120)
     plt.close(fig)

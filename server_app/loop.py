@@ -64,7 +64,7 @@ def train_round(
 
 def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     output_dir = resolve_output_dir(cfg)
     experiment = experiment_for(cfg)
     evaluator = Evaluator(cfg, experiment)
@@ -75,6 +75,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     log(INFO, "%s on %s: %d tasks x %d rounds, %d clients, output %s",
         cfg.method.name, cfg.dataset.name, num_tasks, rounds_per_task, len(nodes), output_dir)
 
+    setup_seconds = time.monotonic() - started
     accuracy_matrix: list[list[float | None]] = []
     rounds: list[dict] = []
     counts: list[int] = []
@@ -116,6 +117,8 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         "rounds": rounds,
         "wall_seconds": time.monotonic() - started,
+        "started_at": started_at,
+        "setup_seconds": setup_seconds,
         "config": to_container(cfg),
     }
     write_results(output_dir, results)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from client_app.local_round import run_local_round
 from fedcil.config import compose_config
 from fedcil.experiment import experiment_for
-from fedcil.launch import APP_DIR, flower_env, launch, run_status, stop_superlink, superlink_port, superlink_running
+from fedcil.launch import APP_DIR, FlowerSite, flower_env, launch, run_status, stop_superlink, superlink_running
 from fedcil.model import get_trainable_state, model_for, set_trainable_state
 from fedcil.protocol import ClientUpdate, TrainRequest
 from fedcil.training import evaluate_seen_tasks
@@ -32,21 +31,15 @@ RESULT_KEYS = {
 TINY = ["num_tasks=2", "rounds_per_task=2", "num_clients=3", "local_epochs=3"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def flower_home(tmp_path, monkeypatch):
     """A private FLWR_HOME and SuperLink port; checks no SuperLink is left running."""
-    port = free_port()
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
+    site = FlowerSite.isolated(tmp_path / "flwr-home")
+    monkeypatch.setenv("FLWR_HOME", str(site.home))
+    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(site.port))
     yield tmp_path
-    assert not superlink_running(port)
-    listeners = [c for c in psutil.net_connections(kind="tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN]
+    assert not superlink_running(site.port)
+    listeners = [c for c in psutil.net_connections(kind="tcp") if c.laddr.port == site.port and c.status == psutil.CONN_LISTEN]
     assert not listeners
 
 
@@ -118,7 +111,8 @@ def test_a_failing_server_app_is_reported(flower_home):
 
 def test_federation_smaller_than_num_clients_fails_clearly(flower_home):
     """Plain `flwr run` with 2 SuperNodes for a 3-client config: the run fails and says why."""
-    env = flower_env(flower_home / "flwr-home")
+    site = FlowerSite.from_env()
+    env = flower_env(site)
     command = [
         "flwr", "run", str(APP_DIR), "--stream", "--federation-config", "num-supernodes=2",
         "--run-config", 'overrides="num_clients=3 node_wait_seconds=1"',
@@ -128,6 +122,6 @@ def test_federation_smaller_than_num_clients_fails_clearly(flower_home):
         run_id = re.search(r"Successfully started run (\d+)", out.stdout).group(1)
         status, details = run_status(run_id, env, flower_home)
     finally:
-        stop_superlink(superlink_port())
+        stop_superlink(site.port)
     assert status == "finished:failed"
     assert "num_clients=3 but the federation has 2 SuperNodes" in details + out.stdout

@@ -1,0 +1,85 @@
+"""``fcil-sweep``: Hydra multirun over ``conf/``, one real Flower simulation per job.
+
+    fcil-sweep -m method=fedavg_lora partition.beta=0.05,0.5 seed=0,1,2
+
+Each job runs through :func:`fedcil.launch.launch` on its own private Flower site (home
+directory and SuperLink port), so jobs never share a SuperLink and Hydra's parallel
+launchers can run them side by side. A job writes its results files into its Hydra job
+directory (``<hydra.sweep.dir>/<overrides>``); a failing job writes ``error.json`` there
+(error and config) and the sweep goes on. Re-running a sweep skips every job whose
+``results.json`` exists for the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fedcil.config import CONF_DIR, compose_config, quote_value, to_container
+from fedcil.launch import FlowerSite, launch
+from fedcil.results import write_atomic
+
+FAILED_JOBS: list[str] = []
+
+
+def same_config(results_file: Path, config: dict) -> bool:
+    """Whether ``results_file`` holds results of exactly ``config``."""
+    try:
+        return json.loads(results_file.read_text())["config"] == config
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run_job(config_name: str, overrides: list[str], job_dir: Path) -> str:
+    """Run one sweep job in ``job_dir``; returns ``done``, ``skipped`` or ``failed``."""
+    overrides = [o for o in overrides if not o.startswith("output_dir=")]
+    overrides.append(f"output_dir={quote_value(str(job_dir.resolve()))}")
+    error_file = job_dir / "error.json"
+    config = None
+    try:
+        config = to_container(compose_config(config_name, overrides))
+        if same_config(job_dir / "results.json", config):
+            print(f"fcil-sweep: skipping {job_dir} (results exist)", flush=True)
+            return "skipped"
+        error_file.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix="fcil-flwr-") as home:
+            launch(config_name, overrides, site=FlowerSite.isolated(Path(home)))
+        return "done"
+    except Exception as exc:  # a failing job is recorded, the sweep goes on
+        record = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "overrides": overrides,
+            "config": config,
+            "traceback": traceback.format_exc(),
+        }
+        write_atomic(error_file, json.dumps(record, indent=2))
+        print(f"fcil-sweep: job {job_dir} failed: {record['error']}", file=sys.stderr, flush=True)
+        FAILED_JOBS.append(str(job_dir))
+        return "failed"
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def sweep_job(cfg: DictConfig) -> str:
+    """One Hydra job: the composed ``cfg`` is rebuilt by every Flower process from the overrides."""
+    hydra_cfg = HydraConfig.get()
+    return run_job(hydra_cfg.job.config_name, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
+
+
+def main() -> int:
+    """Console entry point; exit code 1 when a job of an in-process sweep failed."""
+    sweep_job()
+    if FAILED_JOBS:
+        print(f"fcil-sweep: {len(FAILED_JOBS)} job(s) failed, see error.json in: {', '.join(FAILED_JOBS)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

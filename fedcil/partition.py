@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import warnings
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
-from flwr_datasets.partitioner.partitioner import Partitioner
 from omegaconf import DictConfig
 
 from fedcil.errors import ConfigError
 from fedcil.registry import Registry
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner.partitioner import Partitioner
+
+# flwr-datasets (and Hugging Face datasets under it) is imported where it is used: the
+# ServerApp never partitions, so it does not pay the import.
 
 PARTITIONERS: Registry = Registry("partitioner")
 
@@ -26,6 +31,8 @@ PARTITIONERS: Registry = Registry("partitioner")
 @PARTITIONERS.register("dirichlet")
 def dirichlet(cfg: DictConfig, num_clients: int, seed: int, num_task_classes: int) -> Partitioner:
     """For every class, client shares ~ Dirichlet(beta)."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     if cfg.beta <= 0:
         raise ConfigError(f"partition.beta={cfg.beta} must be > 0")
     return DirichletPartitioner(
@@ -42,6 +49,8 @@ def dirichlet(cfg: DictConfig, num_clients: int, seed: int, num_task_classes: in
 @PARTITIONERS.register("quantity")
 def quantity(cfg: DictConfig, num_clients: int, seed: int, num_task_classes: int) -> Partitioner:
     """Every client holds ``alpha`` of the task's classes (capped at the task's class count)."""
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
     if cfg.alpha < 1:
         raise ConfigError(f"partition.alpha={cfg.alpha} must be >= 1")
     per_client = min(int(cfg.alpha), num_task_classes)
@@ -64,6 +73,8 @@ def quantity(cfg: DictConfig, num_clients: int, seed: int, num_task_classes: int
 @PARTITIONERS.register("iid")
 def iid(cfg: DictConfig, num_clients: int, seed: int, num_task_classes: int) -> Partitioner:
     """Equal shares of the (seeded, shuffled) samples."""
+    from flwr_datasets.partitioner import IidPartitioner
+
     return IidPartitioner(num_partitions=num_clients)
 
 
@@ -88,6 +99,8 @@ def ensure_min_samples(parts: list[np.ndarray], min_samples: int, rng: np.random
 
 def partition_task(labels: np.ndarray, num_clients: int, cfg: DictConfig, seed: int) -> list[np.ndarray]:
     """Split one task's samples (given by their labels) across ``num_clients`` clients."""
+    from datasets import Dataset
+
     partitioner = PARTITIONERS.get(cfg.name)(cfg, num_clients, seed, len(np.unique(labels)))
     # Rows go in a seeded random order so that order-based partitioners (iid) are random too.
     order = np.random.default_rng(seed).permutation(len(labels))

@@ -178,8 +178,10 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
     for key, members in groups.items():
         curves = np.array([[np.nanmean(row[: t + 1]) for t, row in enumerate(matrix_grid(m.results["accuracy_matrix"]))]
                            for m in members])
-        ax.errorbar(range(curves.shape[1]), curves.mean(axis=0), yerr=curves.std(axis=0), marker="o", capsize=3,
+        spread = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
+        ax.errorbar(range(curves.shape[1]), curves.mean(axis=0), yerr=spread, marker="o", capsize=3,
                     label=label(key, keys))
+        ax.set_xticks(range(curves.shape[1]))
     ax.set(xlabel="after training task", ylabel="mean accuracy on seen tasks (%)", ylim=(0, 100),
            title="accuracy after each task (mean ± std over seeds)")
     ax.legend(fontsize=7)

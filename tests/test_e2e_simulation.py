@@ -11,16 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-import torch
-
-from client_app.local_round import run_local_round
-from fedcil.config import compose_config
-from fedcil.experiment import experiment_for
+from bench.plain_loop import run_plain
 from fedcil.launch import APP_DIR, FlowerSite, flower_env, launch, run_status, stop_superlink, superlink_running
-from fedcil.model import get_trainable_state, model_for, set_trainable_state
-from fedcil.protocol import ClientUpdate, TrainRequest
-from fedcil.training import evaluate_seen_tasks
-from strategies import build_strategy
 
 pytestmark = pytest.mark.e2e
 
@@ -63,33 +55,11 @@ def check_results(out: Path, dataset: str, num_classes_per_task: int) -> dict:
     return results
 
 
-def in_process_accuracy_matrix(overrides: list[str]) -> list[list[float]]:
-    """The same federated run as a plain loop over clients, without Flower."""
-    cfg = compose_config("config", overrides)
-    experiment = experiment_for(cfg)
-    data = experiment.data
-    model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
-    strategy = build_strategy(cfg, get_trainable_state(model))
-    matrix = []
-    for task in range(cfg.num_tasks):
-        for server_round in range(cfg.rounds_per_task):
-            plan = strategy.configure_round(task, server_round)
-            request = TrainRequest(task, server_round, plan.state, plan.train_groups, {})
-            updates = []
-            for client in range(cfg.num_clients):
-                tensors, count, loss = run_local_round(cfg, request, client, cfg.num_clients)
-                updates.append(ClientUpdate(client, tensors, count, loss))
-            strategy.aggregate_round(task, server_round, updates)
-        set_trainable_state(model, strategy.evaluation_state())
-        matrix.append(evaluate_seen_tasks(model, experiment, task, cfg.eval_batch_size, torch.device("cpu"))[0])
-    return matrix
-
-
 def test_digits_simulation_matches_the_loop_without_flower(flower_home):
     overrides = [*TINY, "partition=iid"]
     out = launch("config", [*overrides, f"output_dir={flower_home / 'digits'}"])
     results = check_results(out, "digits", 5)
-    expected = in_process_accuracy_matrix(overrides)
+    expected = run_plain("config", overrides, processes=0).accuracy_matrix
     for row, expected_row in zip(results["accuracy_matrix"], expected):
         assert [v for v in row if v is not None] == pytest.approx(expected_row, abs=1.0)
 

@@ -1,0 +1,75 @@
+"""The same federated run as a plain loop without Flower: one worker process per core.
+
+Each round the main process sends every client's request to a process pool (spawned
+workers import torch afresh, as Ray actors do), merges the replies with the same
+strategy, and evaluates at the end of each task exactly like the ServerApp.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from client_app.local_round import run_local_round
+from fedcil.config import compose_config
+from fedcil.experiment import experiment_for
+from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
+from fedcil.protocol import ClientUpdate, TrainRequest
+from fedcil.training import evaluate_seen_tasks
+from strategies import build_strategy
+
+
+@dataclass
+class PlainRun:
+    """Accuracy matrix and timings of a plain-loop run."""
+
+    accuracy_matrix: list[list[float]]
+    round_seconds: list[float]
+    first_round_start: float  # seconds from the call to the start of round 1
+    wall_seconds: float
+
+
+def _client_round(config_name: str, overrides: list[str], request: TrainRequest, client: int) -> ClientUpdate:
+    cfg = compose_config(config_name, overrides)
+    torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
+    tensors, count, loss = run_local_round(cfg, request, client, cfg.num_clients)
+    return ClientUpdate(client, tensors, count, loss)
+
+
+def run_plain(config_name: str, overrides: list[str], processes: int) -> PlainRun:
+    """Run every task and round of the config; ``processes=0`` trains in this process."""
+    started = time.monotonic()
+    cfg = compose_config(config_name, overrides)
+    experiment = experiment_for(cfg)
+    data = experiment.data
+    model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
+    strategy = build_strategy(cfg, get_trainable_state(model))
+    device = resolve_device(cfg.device)
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes else None
+    matrix, round_seconds = [], []
+    first_round_start = time.monotonic() - started
+    try:
+        for task in range(cfg.num_tasks):
+            for server_round in range(cfg.rounds_per_task):
+                round_start = time.monotonic()
+                plan = strategy.configure_round(task, server_round)
+                request = TrainRequest(task, server_round, plan.state, plan.train_groups, dict(plan.extra))
+                args = [(config_name, overrides, request, k) for k in range(cfg.num_clients)]
+                if pool:
+                    updates = list(pool.map(_client_round, *zip(*args)))
+                else:
+                    updates = [_client_round(*a) for a in args]
+                strategy.aggregate_round(task, server_round, updates)
+                if server_round == cfg.rounds_per_task - 1:
+                    strategy.end_task(task)
+                    set_trainable_state(model, strategy.evaluation_state())
+                    matrix.append(evaluate_seen_tasks(model, experiment, task, cfg.eval_batch_size, device)[0])
+                round_seconds.append(time.monotonic() - round_start)
+    finally:
+        if pool:
+            pool.shutdown()
+    return PlainRun(matrix, round_seconds, first_round_start, time.monotonic() - started)

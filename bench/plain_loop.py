@@ -18,7 +18,7 @@ from client_app.local_round import run_local_round
 from fedcil.config import compose_config
 from fedcil.experiment import experiment_for
 from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
-from fedcil.protocol import ClientUpdate, TrainRequest
+from fedcil.protocol import ClientUpdate, TrainRequest, canonical_order
 from fedcil.training import evaluate_seen_tasks
 from strategies import build_strategy
 
@@ -63,7 +63,7 @@ def run_plain(config_name: str, overrides: list[str], processes: int) -> PlainRu
                     updates = list(pool.map(_client_round, *zip(*args)))
                 else:
                     updates = [_client_round(*a) for a in args]
-                strategy.aggregate_round(task, server_round, updates)
+                strategy.aggregate_round(task, server_round, canonical_order(updates))
                 if server_round == cfg.rounds_per_task - 1:
                     strategy.end_task(task)
                     set_trainable_state(model, strategy.evaluation_state())

@@ -12,6 +12,7 @@ with ``flwr list``, and stop the local SuperLink it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -68,13 +69,18 @@ def stop_superlink(port: int) -> None:
     """Terminate the process listening on ``port`` and its children (superexec, Ray)."""
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            proc = psutil.Process(conn.pid)
-            family = proc.children(recursive=True) + [proc]
-            for p in family:
-                p.terminate()
+            try:
+                proc = psutil.Process(conn.pid)
+                family = proc.children(recursive=True) + [proc]
+            except psutil.NoSuchProcess:
+                continue
+            for member in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.terminate()
             _, alive = psutil.wait_procs(family, timeout=10)
-            for p in alive:
-                p.kill()
+            for member in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
 
 
 def flower_env(site: FlowerSite) -> dict[str, str]:

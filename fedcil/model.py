@@ -102,35 +102,55 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
     backbone.load_state_dict(state, strict=True)
 
 
-def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, in_chans: int, image_size: int, seed: int) -> FCILModel:
-    """Create the backbone (deterministic from ``seed``), freeze it, add LoRA and a head."""
-    img_size = image_size if model_cfg.img_size == "auto" else int(model_cfg.img_size)
+def model_img_size(model_cfg: DictConfig, image_size: int) -> int:
+    """The backbone's input size: the data's (``auto``) or the configured one."""
+    return image_size if model_cfg.img_size == "auto" else int(model_cfg.img_size)
+
+
+def create_backbone(model_cfg: DictConfig, in_chans: int, image_size: int) -> nn.Module:
+    """The timm backbone (no classifier), initialised from torch's global RNG (callers seed it).
+
+    ``model.pretrained`` takes timm's hub weights; ``model.pretrained_path`` then loads a
+    local checkpoint strictly. ``model.ssl`` needs a path (``fcil-run`` fills it in).
+    """
+    img_size = model_img_size(model_cfg, image_size)
     patch = auto_patch_size(img_size) if model_cfg.patch_size == "auto" else int(model_cfg.patch_size)
     kwargs = dict(OmegaConf.to_container(model_cfg.kwargs, resolve=True))
+    try:
+        backbone = timm.create_model(
+            model_cfg.name, pretrained=bool(model_cfg.pretrained), num_classes=0,
+            img_size=img_size, patch_size=patch, in_chans=in_chans, **kwargs,
+        )
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ConfigError(f"unknown timm model {model_cfg.name!r}; see timm.list_models('vit_*')") from None
+        raise
+    if model_cfg.pretrained_path:
+        load_backbone_checkpoint(backbone, model_cfg.pretrained_path)
+    elif model_cfg.ssl:
+        raise ConfigError(
+            "model.ssl=true needs model.pretrained_path: run through fcil-run or fcil-sweep (they pretrain "
+            "or reuse the cached checkpoint), or run fcil-pretrain and pass the path it prints"
+        )
+    return backbone
+
+
+def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, in_chans: int, image_size: int, seed: int) -> FCILModel:
+    """Create the backbone, freeze it, add LoRA and a head: all deterministic from ``seed``."""
+    blocks = None if lora_cfg.blocks is None else list(lora_cfg.blocks)
+    lora = LoraConfig(
+        r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+        target_modules=lora_target_regex(list(lora_cfg.targets), blocks),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            backbone = timm.create_model(
-                model_cfg.name, pretrained=bool(model_cfg.pretrained), num_classes=0,
-                img_size=img_size, patch_size=patch, in_chans=in_chans, **kwargs,
-            )
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc):
-                raise ConfigError(f"unknown timm model {model_cfg.name!r}; see timm.list_models('vit_*')") from None
-            raise
-        if model_cfg.pretrained_path:
-            load_backbone_checkpoint(backbone, model_cfg.pretrained_path)
+        backbone = create_backbone(model_cfg, in_chans, image_size)
         backbone.requires_grad_(False)
-        blocks = None if lora_cfg.blocks is None else list(lora_cfg.blocks)
-        lora = LoraConfig(
-            r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
-            target_modules=lora_target_regex(list(lora_cfg.targets), blocks),
-        )
         try:
             backbone = inject_adapter_in_model(lora, backbone)
         except ValueError as exc:
             raise ConfigError(f"no LoRA target matched (lora.blocks={blocks}): {str(exc).splitlines()[0]}") from None
-        model = FCILModel(backbone, num_classes, img_size)
+        model = FCILModel(backbone, num_classes, model_img_size(model_cfg, image_size))
     model.eval()
     return model
 

@@ -52,6 +52,16 @@ class ClientUpdate:
     loss: float
 
 
+def canonical_order(updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """Replies in an order that does not depend on arrival or node ids.
+
+    Floating-point sums depend on the order of their terms, and a last-bit difference
+    grows over rounds of training; sorting by content makes a run reproducible whatever
+    order the replies arrive in (and equal to the same clients trained in a plain loop).
+    """
+    return sorted(updates, key=lambda u: (u.num_examples, u.loss, u.node_id))
+
+
 def encode_request(plan: RoundPlan, task: int, server_round: int) -> RecordDict:
     """The request RecordDict for one round."""
     config = {"task": task, "round": server_round, "train-groups": list(plan.train_groups), **plan.extra}

@@ -16,7 +16,7 @@ from fedcil.errors import ConfigError
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.metrics import summary
 from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
-from fedcil.protocol import encode_request
+from fedcil.protocol import canonical_order, encode_request
 from fedcil.results import default_output_dir, format_accuracy_table, write_results
 from fedcil.training import evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
@@ -58,6 +58,7 @@ def train_round(
     result = exchange(grid, encode_request(plan, task, server_round), sampled, cfg.round_timeout)
     if not result.updates:
         raise RuntimeError(f"task {task} round {server_round}: no valid client reply; stopping")
+    result.updates = canonical_order(result.updates)
     strategy.aggregate_round(task, server_round, result.updates)
     return result
 

@@ -3,10 +3,13 @@
 It does what a careful user would do by hand: check the config before starting anything
 (one-line error on a bad name), give Flower its own home and ports, start the simulation
 with as many SuperNodes as ``num_clients``, stream the logs, check the run's final status
-with ``flwr list``, and stop the local SuperLink it started.
+with ``flwr list``, and stop the local SuperLink it started. With ``model.ssl=true`` it
+first finds (or trains) the cached self-supervised checkpoint; ``method=joint`` (the
+centralised upper bound) runs in this process, without Flower.
 
     fcil-run                                   # the quickstart
     fcil-run dataset=fashion_mnist partition.beta=0.1
+    fcil-run experiment=fmnist_ssl method=joint
 """
 
 from __future__ import annotations
@@ -123,6 +126,16 @@ def launch(
     given = override_values(overrides).get("output_dir")
     out = Path(str(given)).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())
     overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={quote_value(str(out))}"]
+    if cfg.model.ssl and not cfg.model.pretrained_path:
+        from fedcil.ssl import ensure_pretrained  # torch and timm, only when needed
+
+        checkpoint = ensure_pretrained(cfg, log=lambda m: print(m, flush=True)).path
+        overrides.append(f"model.pretrained_path={quote_value(str(checkpoint))}")
+    if cfg.method.name == "joint":  # centralised upper bound: no Flower
+        from fedcil.joint import run_joint
+
+        run_joint(compose_config(config_name, overrides), log=lambda m: print(m, flush=True))
+        return out
     site = site or FlowerSite.from_env()
     site.home.mkdir(parents=True, exist_ok=True)
     env = flower_env(site)

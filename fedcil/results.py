@@ -22,6 +22,18 @@ def default_output_dir(cfg: DictConfig, root: Path) -> Path:
     return root.resolve() / "outputs" / f"{stamp}_{cfg.method.name}_{cfg.dataset.name}_s{cfg.seed}"
 
 
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output_dir`` (must be absolute), else a new folder under ``<cwd>/outputs``."""
+    from fedcil.errors import ConfigError
+
+    if cfg.output_dir:
+        path = Path(cfg.output_dir)
+        if not path.is_absolute():
+            raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path")
+        return path
+    return default_output_dir(cfg, Path.cwd())
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and a rename (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +51,36 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+def build_results(
+    cfg: DictConfig,
+    accuracy_matrix: list[list[float | None]],
+    counts: list[int],
+    rounds: list[dict],
+    wall_seconds: float,
+    started_at: float,
+    setup_seconds: float,
+) -> dict[str, Any]:
+    """The results.json content of one run (every method, federated or not)."""
+    from fedcil.config import to_container
+    from fedcil.metrics import summary
+
+    return {
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "num_tasks": len(accuracy_matrix),
+        "num_clients": cfg.num_clients,
+        "accuracy_matrix": accuracy_matrix,
+        **summary(accuracy_matrix, counts),
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "rounds": rounds,
+        "wall_seconds": wall_seconds,
+        "started_at": started_at,
+        "setup_seconds": setup_seconds,
+        "config": to_container(cfg),
+    }
 
 
 def write_results(output_dir: Path, results: dict[str, Any]) -> None:

@@ -4,33 +4,20 @@ from __future__ import annotations
 
 import time
 from logging import INFO
-from pathlib import Path
 
 import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedcil.config import to_container
-from fedcil.errors import ConfigError
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.metrics import summary
 from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
 from fedcil.protocol import canonical_order, encode_request
-from fedcil.results import default_output_dir, format_accuracy_table, write_results
+from fedcil.results import build_results, format_accuracy_table, resolve_output_dir, write_results
 from fedcil.training import evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
 from strategies import FederatedStrategy, build_strategy
-
-
-def resolve_output_dir(cfg: DictConfig) -> Path:
-    """``cfg.output_dir`` (must be absolute), else a new folder under ``<cwd>/outputs``."""
-    if cfg.output_dir:
-        path = Path(cfg.output_dir)
-        if not path.is_absolute():
-            raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path")
-        return path
-    return default_output_dir(cfg, Path.cwd())
 
 
 class Evaluator:
@@ -106,23 +93,8 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
                 task + 1, num_tasks, server_round + 1, rounds_per_task, rounds[-1]["loss"],
                 "-" if accuracy is None else f"{accuracy:.2f}%", len(updates), rounds[-1]["seconds"], eta)
 
-    metrics = summary(accuracy_matrix, counts)
-    results = {
-        "method": cfg.method.name,
-        "dataset": cfg.dataset.name,
-        "num_tasks": num_tasks,
-        "num_clients": cfg.num_clients,
-        "accuracy_matrix": accuracy_matrix,
-        **metrics,
-        "bytes_up": sum(r["bytes_up"] for r in rounds),
-        "bytes_down": sum(r["bytes_down"] for r in rounds),
-        "rounds": rounds,
-        "wall_seconds": time.monotonic() - started,
-        "started_at": started_at,
-        "setup_seconds": setup_seconds,
-        "config": to_container(cfg),
-    }
+    results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds)
     write_results(output_dir, results)
-    log(INFO, "accuracy (%%) per task:\n%s", format_accuracy_table(accuracy_matrix, metrics))
+    log(INFO, "accuracy (%%) per task:\n%s", format_accuracy_table(accuracy_matrix, summary(accuracy_matrix, counts)))
     log(INFO, "results written to %s", output_dir)
     return results

@@ -6,8 +6,6 @@ import pytest
 
 from fedcil.config import compose_config
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
 
 @pytest.fixture
 def cfg():

@@ -113,6 +113,12 @@ def summarise(groups: dict[tuple, list[Run]]) -> list[dict[str, Any]]:
     return rows
 
 
+def short(value: Any) -> str:
+    """A setting for display: absolute paths shortened to their last two parts."""
+    text = str(value)
+    return "/".join(Path(text).parts[-2:]) if text.startswith("/") else text
+
+
 def fmt(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "n/a"
@@ -124,7 +130,7 @@ def markdown_table(keys: list[str], rows: list[dict[str, Any]], failures: list[d
     header = ["method", *keys, "seeds", *(HEADERS[m] for m in METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [str(v) for v in row["key"]] + [str(row["seeds"])]
+        cells = [short(v) for v in row["key"]] + [str(row["seeds"])]
         cells += [fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     if failures:
@@ -144,7 +150,7 @@ def write_csv(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
 
 
 def label(key: tuple, keys: list[str], skip: str | None = None) -> str:
-    parts = [str(key[0])] + [f"{k}={v}" for k, v in zip(keys, key[1:]) if k != skip]
+    parts = [str(key[0])] + [f"{k}={short(v)}" for k, v in zip(keys, key[1:]) if k != skip]
     return " ".join(parts)
 
 

@@ -67,3 +67,16 @@ def test_report_groups_by_method_and_varying_settings(sweep, tmp_path):
 def test_report_cli_without_results_fails_with_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_paths_are_shortened_for_display_only(tmp_path):
+    for seed, path in enumerate(["/root/.cache/fedcil/simclr-abc/backbone.safetensors", None]):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        data = fake_results("fedavg_lora", 0.5, 0, 50.0 + seed)
+        data["config"]["model"] = {"pretrained_path": path}
+        (run / "results.json").write_text(json.dumps(data))
+    text = build_report([tmp_path], tmp_path / "report")
+    assert "| simclr-abc/backbone.safetensors |" in text and "/root/.cache" not in text
+    rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
+    assert "/root/.cache/fedcil/simclr-abc/backbone.safetensors" in [r["model.pretrained_path"] for r in rows]

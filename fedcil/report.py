@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,7 +202,7 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.8 * nrows), squeeze=False)
     for ax, (key, members) in zip(axes.flat, groups.items()):
         mean = np.mean([matrix_grid(m.results["accuracy_matrix"]) for m in members], axis=0)
-        draw_matrix(ax, mean, label(key, keys))
+        draw_matrix(ax, mean, textwrap.fill(label(key, keys), 48))
         ax.title.set_fontsize(8)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")

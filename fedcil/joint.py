@@ -9,6 +9,7 @@ federated methods. No Flower, no communication: it writes the same results files
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from omegaconf import DictConfig
@@ -20,7 +21,7 @@ from fedcil.results import build_results, format_accuracy_table, resolve_output_
 from fedcil.training import TrainSettings, evaluate_seen_tasks, train_local
 
 
-def run_joint(cfg: DictConfig, log=print) -> dict:
+def run_joint(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     """Train and evaluate step by step on all data seen so far; write and return results."""
     started, started_at = time.monotonic(), time.time()
     output_dir = resolve_output_dir(cfg)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def linear_probe_accuracy(encoder: FCILModel, data: ImageData, ridge: float, dev
 
 
 def data_fingerprint(data: ImageData) -> str:
-    """A hash of the training images (in-memory data sets) or of their count and labels."""
+    """A hash of the training images (in-memory data sets; others: of their count only)."""
     digest = hashlib.sha256()
     if isinstance(data.train, ArrayDataset):
         digest.update(data.train.images.numpy().tobytes())
@@ -147,7 +148,7 @@ class PretrainResult:
     reused: bool
 
 
-def pretrain(cfg: DictConfig, data: ImageData, out: Path, log=print) -> dict:
+def pretrain(cfg: DictConfig, data: ImageData, out: Path, log: Callable[[str], None] = print) -> dict:
     """Train the backbone with SimCLR on ``data``'s training images; write checkpoint + JSON."""
     from safetensors.torch import save_file
 
@@ -209,7 +210,7 @@ def pretrain(cfg: DictConfig, data: ImageData, out: Path, log=print) -> dict:
     return settings
 
 
-def ensure_pretrained(cfg: DictConfig, log=print) -> PretrainResult:
+def ensure_pretrained(cfg: DictConfig, log: Callable[[str], None] = print) -> PretrainResult:
     """The cached checkpoint for ``cfg`` (pretraining it first when there is none)."""
     data = load_dataset(cfg.dataset)
     folder = checkpoint_dir(cfg, data)

@@ -32,7 +32,7 @@ import psutil
 
 from bench.memory import PeakMemory, tree
 from bench.plain_loop import run_plain
-from fedcil.launch import FlowerSite, launch
+from fedcil.launch import FlowerSite, launch, listening_process
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = {"wall_ratio": 1.25, "flower_startup_s": 10.0}
@@ -41,13 +41,8 @@ BASE = ["eval_every_round=false", "client_resources.num_cpus=1"]
 
 def superlink_roots(port: int) -> list[psutil.Process]:
     """The (detached) SuperLink listening on ``port``, if it is up."""
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            try:
-                return [psutil.Process(conn.pid)]
-            except psutil.NoSuchProcess:
-                return []
-    return []
+    proc = listening_process(port)
+    return [proc] if proc else []
 
 
 def steady(seconds: list[float]) -> float:

@@ -68,22 +68,29 @@ def superlink_running(port: int) -> bool:
         return False
 
 
-def stop_superlink(port: int) -> None:
-    """Terminate the process listening on ``port`` and its children (superexec, Ray)."""
+def listening_process(port: int) -> psutil.Process | None:
+    """The process listening on TCP ``port`` on this machine, if any."""
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            try:
-                proc = psutil.Process(conn.pid)
-                family = proc.children(recursive=True) + [proc]
-            except psutil.NoSuchProcess:
-                continue
-            for member in family:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    member.terminate()
-            _, alive = psutil.wait_procs(family, timeout=10)
-            for member in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    member.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                return psutil.Process(conn.pid)
+    return None
+
+
+def stop_superlink(port: int) -> None:
+    """Terminate the process listening on ``port`` and its children (superexec, Ray)."""
+    proc = listening_process(port)
+    try:
+        family = proc.children(recursive=True) + [proc] if proc else []
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
 
 
 def flower_env(site: FlowerSite) -> dict[str, str]:

@@ -8,11 +8,12 @@ import re
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
 
 from bench.plain_loop import run_plain
-from fedcil.launch import APP_DIR, FlowerSite, flower_env, launch, run_status, stop_superlink, superlink_running
+from fedcil.launch import (
+    APP_DIR, FlowerSite, flower_env, launch, listening_process, run_status, stop_superlink, superlink_running,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -31,8 +32,7 @@ def flower_home(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(site.port))
     yield tmp_path
     assert not superlink_running(site.port)
-    listeners = [c for c in psutil.net_connections(kind="tcp") if c.laddr.port == site.port and c.status == psutil.CONN_LISTEN]
-    assert not listeners
+    assert listening_process(site.port) is None
 
 
 def check_results(out: Path, dataset: str, num_classes_per_task: int) -> dict:

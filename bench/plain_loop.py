@@ -12,14 +12,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from client_app.local_round import run_local_round
 from fedcil.config import compose_config
 from fedcil.experiment import experiment_for
-from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
-from fedcil.protocol import ClientUpdate, TrainRequest, canonical_order
-from fedcil.training import evaluate_seen_tasks
+from fedcil.protocol import ClientUpdate, RoundPlan, TrainRequest, canonical_order
+from server_app.federation import RoundExchange
+from server_app.loop import Evaluator, train_round
 from strategies import build_strategy
 
 
@@ -45,29 +46,27 @@ def run_plain(config_name: str, overrides: list[str], processes: int) -> PlainRu
     started = time.monotonic()
     cfg = compose_config(config_name, overrides)
     experiment = experiment_for(cfg)
-    data = experiment.data
-    model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
-    strategy = build_strategy(cfg, get_trainable_state(model))
-    device = resolve_device(cfg.device)
+    evaluator = Evaluator(cfg, experiment)
+    strategy = build_strategy(cfg, evaluator.model.initial_state)
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes else None
+
+    def send(plan: RoundPlan, task: int, server_round: int, clients: list[int]) -> RoundExchange:
+        request = TrainRequest(task, server_round, plan.state, plan.train_groups, dict(plan.extra))
+        args = [(config_name, overrides, request, k) for k in clients]
+        updates = list(pool.map(_client_round, *zip(*args))) if pool else [_client_round(*a) for a in args]
+        return RoundExchange(canonical_order(updates), bytes_up=0, bytes_down=0, sampled=clients)
+
     matrix, round_seconds = [], []
+    rng = np.random.default_rng(cfg.seed)
     first_round_start = time.monotonic() - started
     try:
         for task in range(cfg.num_tasks):
+            strategy.start_task(task)
             for server_round in range(cfg.rounds_per_task):
                 round_start = time.monotonic()
-                plan = strategy.configure_round(task, server_round)
-                request = TrainRequest(task, server_round, plan.state, plan.train_groups, dict(plan.extra))
-                args = [(config_name, overrides, request, k) for k in range(cfg.num_clients)]
-                if pool:
-                    updates = list(pool.map(_client_round, *zip(*args)))
-                else:
-                    updates = [_client_round(*a) for a in args]
-                strategy.aggregate_round(task, server_round, canonical_order(updates))
+                train_round(send, cfg, strategy, list(range(cfg.num_clients)), rng, task, server_round)
                 if server_round == cfg.rounds_per_task - 1:
-                    strategy.end_task(task)
-                    set_trainable_state(model, strategy.evaluation_state())
-                    matrix.append(evaluate_seen_tasks(model, experiment, task, cfg.eval_batch_size, device)[0])
+                    matrix.append(evaluator(strategy, task)[0])
                 round_seconds.append(time.monotonic() - round_start)
     finally:
         if pool:

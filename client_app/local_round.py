@@ -8,7 +8,8 @@ from omegaconf import DictConfig
 
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
-from fedcil.model import get_trainable_state, model_for, param_group, resolve_device, set_trainable_state
+from client_app.statistics import reply_tensors
+from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
 from fedcil.protocol import TensorDict, TrainRequest
 from fedcil.training import TrainSettings, train_local
 
@@ -23,8 +24,10 @@ def run_local_round(
 ) -> tuple[TensorDict, int, float]:
     """Train on this client's share of ``request.task``; return (tensors, num_examples, loss).
 
-    The client keeps nothing between calls that a restart would lose: data, split and
-    partition follow from the config, the model state arrives with the request.
+    A request with no train groups only asks for statistics (loss 0). The client keeps
+    nothing between calls that a restart would lose: data, split and partition follow
+    from the config, the model state arrives with the request, and training runs on the
+    frozen ``W0``.
     """
     if num_partitions != cfg.num_clients:
         raise ConfigError(f"node config num-partitions={num_partitions} != config num_clients={cfg.num_clients}")
@@ -34,6 +37,7 @@ def run_local_round(
     data = experiment.data
     model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
     set_trainable_state(model, request.state)
+    set_base_deltas(model, {})
     indices = experiment.client_indices(request.task, partition_id)
     settings = TrainSettings(
         epochs=cfg.local_epochs,
@@ -43,15 +47,16 @@ def run_local_round(
         momentum=cfg.momentum,
         seed=round_seed(cfg.seed, request.task, request.server_round, partition_id),
     )
-    loss = train_local(
-        model,
-        data.train,
-        indices,
-        experiment.label_map,
-        experiment.split.task_classes(request.task),
-        list(request.train_groups),
-        settings,
-        resolve_device(cfg.device),
-    )
-    trained = {k: v for k, v in get_trainable_state(model).items() if param_group(k) in request.train_groups}
-    return trained, len(indices), loss
+    loss = 0.0
+    if request.train_groups:
+        loss = train_local(
+            model,
+            data.train,
+            indices,
+            experiment.label_map,
+            experiment.split.task_classes(request.task),
+            list(request.train_groups),
+            settings,
+            resolve_device(cfg.device),
+        )
+    return reply_tensors(cfg, model, request, experiment, indices), len(indices), loss

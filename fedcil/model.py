@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedcil.errors import ConfigError
@@ -68,6 +69,8 @@ class FCILModel(nn.Module):
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
         self.img_size = img_size
+        self.original_weights: dict[str, torch.Tensor] = {}  # W0 of layers whose base was changed
+        self.initial_state: dict[str, torch.Tensor] = {}  # the trainable state as built (set by build_model)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features of images in [0, 1] at any resolution."""
@@ -151,6 +154,7 @@ def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, i
         except ValueError as exc:
             raise ConfigError(f"no LoRA target matched (lora.blocks={blocks}): {str(exc).splitlines()[0]}") from None
         model = FCILModel(backbone, num_classes, model_img_size(model_cfg, image_size))
+    model.initial_state = get_trainable_state(model)
     model.eval()
     return model
 
@@ -170,6 +174,41 @@ def trainable_parameters(model: FCILModel) -> dict[str, nn.Parameter]:
 def param_group(name: str) -> str:
     """``lora_A``, ``lora_B`` or ``head`` for an exchange name."""
     return name.rsplit(".", 1)[-1] if ".lora_" in name else "head"
+
+
+def adapted_layers(model: FCILModel) -> dict[str, LoraLayer]:
+    """The PEFT LoRA layers under their exchange names (e.g. ``blocks.0.attn.qkv``)."""
+    return {
+        name.removeprefix("backbone."): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+
+
+def lora_scaling(lora_cfg: DictConfig) -> float:
+    """PEFT's LoRA scaling ``alpha / r``: a layer computes ``W0 x + scaling * B A x``."""
+    return float(lora_cfg.alpha) / int(lora_cfg.rank)
+
+
+def set_base_deltas(model: FCILModel, deltas: dict[str, torch.Tensor]) -> None:
+    """Set every adapted layer's frozen weight to ``W0 + delta`` (``W0`` where no delta is given).
+
+    ``W0`` is kept the first time a layer's base changes, so calls never accumulate.
+    """
+    layers = adapted_layers(model)
+    unknown = sorted(set(deltas) - set(layers))
+    if unknown:
+        raise ValueError(f"base deltas for layers the model does not adapt: {unknown[:3]}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = layer.base_layer.weight
+            if name not in deltas and name not in model.original_weights:
+                continue
+            original = model.original_weights.setdefault(name, weight.detach().clone())
+            delta = deltas.get(name)
+            if delta is not None and delta.shape != weight.shape:
+                raise ValueError(f"{name}: base delta shape {tuple(delta.shape)} != {tuple(weight.shape)}")
+            weight.copy_(original if delta is None else original + delta.to(weight))
 
 
 def get_trainable_state(model: FCILModel) -> dict[str, torch.Tensor]:
@@ -197,7 +236,8 @@ def _cached_model(key: str) -> FCILModel:
 
 
 def model_for(cfg: DictConfig, num_classes: int, in_chans: int, image_size: int) -> FCILModel:
-    """The experiment's model, built once per process (callers load the state they need)."""
+    """The experiment's model, built once per process (callers load the state they need;
+    ``model.initial_state`` is the state it was built with)."""
     key = json.dumps(
         {
             "model": OmegaConf.to_container(cfg.model, resolve=True),

@@ -56,10 +56,15 @@ def canonical_order(updates: list[ClientUpdate]) -> list[ClientUpdate]:
     """Replies in an order that does not depend on arrival or node ids.
 
     Floating-point sums depend on the order of their terms, and a last-bit difference
-    grows over rounds of training; sorting by content makes a run reproducible whatever
+    grows over rounds of training; sorting by size, loss and content makes a run reproducible whatever
     order the replies arrive in (and equal to the same clients trained in a plain loop).
     """
-    return sorted(updates, key=lambda u: (u.num_examples, u.loss, u.node_id))
+    return sorted(updates, key=lambda u: (u.num_examples, u.loss, content_sum(u.tensors), u.node_id))
+
+
+def content_sum(tensors: TensorDict) -> float:
+    """A float64 sum over every tensor's entries: a tie-breaker between equal-sized replies."""
+    return float(sum(t.to(torch.float64).sum() for t in tensors.values()))
 
 
 def encode_request(plan: RoundPlan, task: int, server_round: int) -> RecordDict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO
 
 import numpy as np
@@ -12,8 +13,8 @@ from omegaconf import DictConfig
 
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.metrics import summary
-from fedcil.model import get_trainable_state, model_for, resolve_device, set_trainable_state
-from fedcil.protocol import canonical_order, encode_request
+from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
+from fedcil.protocol import RoundPlan, canonical_order, encode_request
 from fedcil.results import build_results, format_accuracy_table, resolve_output_dir, write_results
 from fedcil.training import evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
@@ -30,24 +31,50 @@ class Evaluator:
         self.batch_size = cfg.eval_batch_size
         self.device = resolve_device(cfg.device)
 
-    def __call__(self, state: dict, task: int) -> tuple[list[float], list[int]]:
-        set_trainable_state(self.model, state)
+    def __call__(self, strategy: FederatedStrategy, task: int) -> tuple[list[float], list[int]]:
+        set_trainable_state(self.model, strategy.evaluation_state())
+        set_base_deltas(self.model, strategy.base_deltas())
         return evaluate_seen_tasks(self.model, self.experiment, task, self.batch_size, self.device)
 
 
+Send = Callable[[RoundPlan, int, int, list[int]], RoundExchange]
+"""Deliver a plan for (task, round) to nodes; the exchange with the valid replies in canonical order."""
+
+
 def train_round(
-    grid: Grid, cfg: DictConfig, strategy: FederatedStrategy, nodes: list[int],
+    send: Send, cfg: DictConfig, strategy: FederatedStrategy, nodes: list[int],
     rng: np.random.Generator, task: int, server_round: int,
 ) -> RoundExchange:
-    """Sample clients, send the strategy's plan, merge the valid replies; the exchange."""
+    """Sample clients, send the strategy's plan, merge the valid replies; the exchange.
+
+    After a task's last round, the strategy's statistics request (if any) goes to every
+    node and its replies go to ``strategy.end_task``; its bytes count in this round.
+    """
     sampled = sample_nodes(nodes, cfg.fraction_train, rng)
-    plan = strategy.configure_round(task, server_round)
-    result = exchange(grid, encode_request(plan, task, server_round), sampled, cfg.round_timeout)
-    if not result.updates:
-        raise RuntimeError(f"task {task} round {server_round}: no valid client reply; stopping")
-    result.updates = canonical_order(result.updates)
+    result = send(strategy.configure_round(task, server_round), task, server_round, sampled)
     strategy.aggregate_round(task, server_round, result.updates)
+    if server_round == cfg.rounds_per_task - 1:
+        plan = strategy.task_end_plan(task)
+        statistics = send(plan, task, server_round, nodes) if plan else None
+        strategy.end_task(task, statistics.updates if statistics else [])
+        if statistics:
+            result.bytes_up += statistics.bytes_up
+            result.bytes_down += statistics.bytes_down
+            result.failed.update(statistics.failed)
     return result
+
+
+def flower_sender(grid: Grid, round_timeout: float | None) -> Send:
+    """A :data:`Send` over Flower messages on ``grid``."""
+
+    def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
+        result = exchange(grid, encode_request(plan, task, server_round), nodes, round_timeout)
+        if not result.updates:
+            raise RuntimeError(f"task {task} round {server_round}: no valid client reply; stopping")
+        result.updates = canonical_order(result.updates)
+        return result
+
+    return send
 
 
 def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
@@ -56,9 +83,10 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     output_dir = resolve_output_dir(cfg)
     experiment = experiment_for(cfg)
     evaluator = Evaluator(cfg, experiment)
-    strategy = build_strategy(cfg, get_trainable_state(evaluator.model))
+    strategy = build_strategy(cfg, evaluator.model.initial_state)
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
     rng = np.random.default_rng(cfg.seed)
+    send = flower_sender(grid, cfg.round_timeout)
     num_tasks, rounds_per_task = experiment.num_tasks, cfg.rounds_per_task
     log(INFO, "%s on %s: %d tasks x %d rounds, %d clients, output %s",
         cfg.method.name, cfg.dataset.name, num_tasks, rounds_per_task, len(nodes), output_dir)
@@ -71,13 +99,11 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
         strategy.start_task(task)
         for server_round in range(rounds_per_task):
             round_start = time.monotonic()
-            result = train_round(grid, cfg, strategy, nodes, rng, task, server_round)
+            result = train_round(send, cfg, strategy, nodes, rng, task, server_round)
             last = server_round == rounds_per_task - 1
-            if last:
-                strategy.end_task(task)
             accuracy = None
             if cfg.eval_every_round or last:
-                per_task, counts = evaluator(strategy.evaluation_state(), task)
+                per_task, counts = evaluator(strategy, task)
                 accuracy = float(np.average(per_task, weights=counts))
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))

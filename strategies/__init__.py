@@ -9,9 +9,11 @@ from fedcil.registry import Registry
 from fedcil.protocol import ClientUpdate, RoundPlan, TensorDict
 from strategies.base import FederatedStrategy
 from strategies.fedavg_lora import FedAvgLoRA
+from strategies.lorm import LoRM
 
 METHODS: Registry = Registry("method")
 METHODS.register("fedavg_lora")(FedAvgLoRA)
+METHODS.register("lorm")(LoRM)
 
 
 CENTRALISED = ("joint",)

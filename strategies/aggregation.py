@@ -29,3 +29,8 @@ def average_updates(updates: Sequence[ClientUpdate], keys: Sequence[str]) -> Ten
     """Sample-weighted average of each named tensor over the clients' replies."""
     shares = sample_shares(updates)
     return {key: weighted_average([u.tensors[key] for u in updates], shares) for key in keys}
+
+
+def sum_updates(updates: Sequence[ClientUpdate], keys: Sequence[str]) -> TensorDict:
+    """Element-wise float64 sum of each named tensor over the clients' replies."""
+    return {key: weighted_average([u.tensors[key].to(torch.float64) for u in updates], [1.0] * len(updates)) for key in keys}

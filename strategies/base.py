@@ -3,8 +3,10 @@
 A strategy owns the server-side state of one method. For every round the ServerApp asks
 it what to send (:meth:`FederatedStrategy.configure_round`), delivers the clients'
 replies to :meth:`FederatedStrategy.aggregate_round`, and calls the task hooks around
-each task. Strategies see tensors and numbers only, never Flower messages, so each one
-is testable without Flower.
+each task (a method may ask every client for statistics once a task ends). The model it
+evaluates is ``W0 + base_deltas()`` with the adapters and head of ``evaluation_state()``.
+Strategies see tensors and numbers only, never Flower messages, so each one is testable
+without Flower.
 """
 
 from __future__ import annotations
@@ -34,9 +36,17 @@ class FederatedStrategy(ABC):
     def aggregate_round(self, task: int, server_round: int, updates: list[ClientUpdate]) -> None:
         """Merge the clients' replies into ``self.state``."""
 
-    def end_task(self, task: int) -> None:
-        """Hook called after the last round of ``task``."""
+    def task_end_plan(self, task: int) -> RoundPlan | None:
+        """A statistics request sent to every client after the last round of ``task`` (none by default)."""
+        return None
+
+    def end_task(self, task: int, updates: list[ClientUpdate]) -> None:
+        """Hook called after the last round of ``task``, with the replies to :meth:`task_end_plan`."""
 
     def evaluation_state(self) -> TensorDict:
         """The trainable state the server evaluates (default: the current global state)."""
         return self.state
+
+    def base_deltas(self) -> TensorDict:
+        """Per adapted layer, what the evaluated model adds to the frozen ``W0`` (none by default)."""
+        return {}

@@ -3,7 +3,8 @@
 ``none``  the trained tensors of the requested groups (FedAvg-style methods);
 ``lorm``  LoRM's pre-multiplied summaries of the trained factor and the head rows;
 ``gram``  the regularised Grams of every adapted layer (LoRM's end of task).
-Grams are taken after training, over every token of the client's current-task data.
+Grams are taken after training, over every token of the client's current-task data;
+summaries are computed in float64 and sent as float32.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def reply_tensors(
         factor = next(g for g in request.train_groups if g.startswith("lora_"))
         grams = layer_grams(cfg, model, experiment, indices, with_head=True)
         rows = experiment.split.task_classes(request.task)
-        return client_summaries(state, grams, factor, rows, len(indices))
+        summaries = client_summaries(state, grams, factor, rows, len(indices))
+        return {key: value.float() for key, value in summaries.items()}
     if kind == TASK_END_STATISTICS:
         grams = layer_grams(cfg, model, experiment, indices, with_head=False)
         return {f"{layer}.G": gram.float() for layer, gram in grams.items()}

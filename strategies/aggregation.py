@@ -32,5 +32,16 @@ def average_updates(updates: Sequence[ClientUpdate], keys: Sequence[str]) -> Ten
 
 
 def sum_updates(updates: Sequence[ClientUpdate], keys: Sequence[str]) -> TensorDict:
-    """Element-wise float64 sum of each named tensor over the clients' replies."""
-    return {key: weighted_average([u.tensors[key].to(torch.float64) for u in updates], [1.0] * len(updates)) for key in keys}
+    """Element-wise float64 sum of each named tensor over the clients' replies.
+
+    Each term is cast into one reused buffer and added in place: no per-client temporaries,
+    which matters for dense Grams of wide layers.
+    """
+    sums = {}
+    for key in keys:
+        total = updates[0].tensors[key].to(torch.float64, copy=True)
+        buffer = torch.empty_like(total)
+        for update in updates[1:]:
+            total.add_(buffer.copy_(update.tensors[key]))
+        sums[key] = total
+    return sums

@@ -56,7 +56,7 @@ def factor_of_round(train_matrix: str, server_round: int) -> str:
 def client_summaries(
     trained: TensorDict, grams: dict[str, Gram], factor: str, head_rows: range, num_examples: int
 ) -> TensorDict:
-    """What a client uploads after training ``factor`` (and the head rows of its task).
+    """What a client uploads after training ``factor`` (and the head rows of its task), in float64.
 
     ``trained`` is the client's full trainable state, ``grams`` its regularised Grams per
     adapted layer and ``head``.
@@ -77,7 +77,7 @@ def client_summaries(
     summaries["head.WG"] = times_gram(trained["head.weight"][rows].to(torch.float64), grams["head"])
     summaries["head.G"] = grams["head"]
     summaries["head.nb"] = num_examples * trained["head.bias"][rows].to(torch.float64)
-    return {key: value.to(torch.float32) for key, value in summaries.items()}
+    return summaries
 
 
 class LoRM(FederatedStrategy):

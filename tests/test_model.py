@@ -12,12 +12,15 @@ from fedcil.config import compose_config
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
 from fedcil.model import (
+    adapted_layers,
     build_model,
     get_trainable_state,
     lora_target_regex,
     model_for,
     param_group,
+    lora_scaling,
     resolve_device,
+    set_base_deltas,
     set_trainable_state,
     trainable_parameters,
 )
@@ -65,6 +68,47 @@ def test_adapter_computes_w0_plus_scaled_ba(cfg):
     x = torch.randn(7, w0.shape[1])
     expected = F.linear(x, w0 + (cfg.lora.alpha / cfg.lora.rank) * b @ a, bias)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_base_deltas_set_w0_plus_delta_without_accumulating(cfg):
+    model = make(cfg)
+    layers = adapted_layers(model)
+    name = "blocks.1.attn.qkv"
+    w0 = layers[name].base_layer.weight.detach().clone()
+    delta = torch.randn_like(w0)
+    for _ in range(2):
+        set_base_deltas(model, {name: delta})
+        torch.testing.assert_close(layers[name].base_layer.weight, w0 + delta)
+    set_base_deltas(model, {})
+    assert torch.equal(layers[name].base_layer.weight, w0)
+    with pytest.raises(ValueError, match="shape"):
+        set_base_deltas(model, {name: delta.T})
+    with pytest.raises(ValueError, match="does not adapt"):
+        set_base_deltas(model, {"blocks.9.attn.qkv": delta})
+
+
+def test_an_adapter_folded_into_the_base_computes_the_same(cfg):
+    """W0 + s B A as a base delta with B = 0 gives the live adapter's logits (LoRM's evaluated model)."""
+    model = make(cfg)
+    torch.manual_seed(1)
+    state = {k: torch.randn_like(v) * 0.1 for k, v in get_trainable_state(model).items()}
+    set_trainable_state(model, state)
+    images = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        live = model(images)
+    deltas = {n: lora_scaling(cfg.lora) * state[f"{n}.lora_B"] @ state[f"{n}.lora_A"] for n in adapted_layers(model)}
+    set_trainable_state(model, {k: torch.zeros_like(v) if k.endswith("lora_B") else v for k, v in state.items()})
+    set_base_deltas(model, deltas)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), live, rtol=1e-4, atol=1e-5)
+
+
+def test_the_built_state_survives_training_of_the_cached_model(cfg):
+    """Strategies start from ``initial_state``: a cached model mutated by one run must not leak into the next."""
+    model = make(cfg)
+    built = get_trainable_state(model)
+    set_trainable_state(model, {k: v + 1 for k, v in built.items()})
+    assert all(torch.equal(built[k], v) for k, v in model.initial_state.items())
 
 
 def test_backbone_is_deterministic_from_seed(cfg):

@@ -1,0 +1,163 @@
+"""LoRM's server merge time and upload size at ViT-B/16 scale, measured side by side.
+
+    .venv/bin/python -m bench.lorm_merge            # r = 16, 10 clients
+    .venv/bin/python -m bench.lorm_merge --rank 1
+
+1. Merge time: the server's ``aggregate_round`` (sum the 10 clients' summaries, solve every
+   one of the 48 adapted layers (qkv, proj, fc1, fc2 of 12 blocks) and the head rows of a
+   CIFAR-100 task) for an A-round and a B-round, with diagonal Grams (``gram_alpha = 0``,
+   the paper's backbone setting) and dense ones (``gram_alpha = 1``); and the end-of-task
+   cross-task merge of the evaluated model. Median of ``--repeats`` runs on this CPU.
+2. Bytes uploaded per client per round, from the protobuf of real reply messages:
+   LoRM (each round kind, and the mean over a 5-round task with its Gram exchange),
+   FedAvg-LoRA (A, B and head), and what the paper's code ships per client and round (the
+   whole network's state dict plus a dense Gram for every merged layer, float32; counted as
+   raw tensor bytes, a lower bound since it pickles them).
+
+Results are printed and written to ``bench/results/lorm_merge-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+
+import timm
+import torch
+from flwr.common.serde import recorddict_to_proto
+
+from fedcil.config import compose_config
+from fedcil.protocol import ClientUpdate, encode_reply
+from strategies import build_strategy
+from strategies.lorm import client_summaries
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TARGETS_S = {"diagonal": 0.1, "dense": 2.0}
+DIM, MLP, BLOCKS, CLASSES, TASKS, CLIENTS = 768, 3072, 12, 100, 10, 10
+SHAPES = {"attn.qkv": (3 * DIM, DIM), "attn.proj": (DIM, DIM), "mlp.fc1": (MLP, DIM), "mlp.fc2": (DIM, MLP)}
+
+
+def vit_b16_state(rank: int) -> dict[str, torch.Tensor]:
+    """A LoRA + head trainable state with ViT-B/16's layer names and shapes."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for block in range(BLOCKS):
+        for kind, (d_out, d_in) in SHAPES.items():
+            state[f"blocks.{block}.{kind}.lora_A"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
+            state[f"blocks.{block}.{kind}.lora_B"] = torch.randn(d_out, rank, generator=g) * 0.01
+    state["head.weight"] = torch.randn(CLASSES, DIM, generator=g) * 0.01
+    state["head.bias"] = torch.zeros(CLASSES)
+    return state
+
+
+def random_gram(dim: int, dense: bool, seed: int) -> torch.Tensor:
+    """A positive definite Gram (dense) or its diagonal, float64."""
+    g = torch.Generator().manual_seed(seed)
+    if not dense:
+        return torch.rand(dim, generator=g, dtype=torch.float64) * 100 + 1
+    x = torch.randn(dim + 64, dim, generator=g, dtype=torch.float64)
+    return x.T @ x
+
+
+def client_grams(state: dict, dense: bool) -> dict[str, torch.Tensor]:
+    """One Gram per distinct input width, shared by the layers (the sums' cost is the same)."""
+    by_width = {width: random_gram(width, dense, width) for width in (DIM, MLP)}
+    grams = {k.removesuffix(".lora_A"): by_width[v.shape[1]] for k, v in state.items() if k.endswith(".lora_A")}
+    grams["head"] = random_gram(DIM, True, 1)  # the head's Gram is dense (head_gram_alpha = 0.5)
+    return grams
+
+
+def reply_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Size of a client's reply on the wire, float32 as clients send it."""
+    return recorddict_to_proto(encode_reply({k: v.float() for k, v in tensors.items()}, 100, 0.0)).ByteSize()
+
+
+def time_merge(strategy, server_round: int, updates: list[ClientUpdate], repeats: int) -> float:
+    """Median seconds of one ``aggregate_round`` over ``repeats`` runs."""
+    saved = {k: v.clone() for k, v in strategy.state.items()}
+    times = []
+    for _ in range(repeats):
+        strategy.state = {k: v.clone() for k, v in saved.items()}
+        start = time.perf_counter()
+        strategy.aggregate_round(0, server_round, updates)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_task_end(strategy, grams: dict, repeats: int) -> float:
+    """Median seconds to fold a task's Grams in and compute the evaluated base deltas."""
+    updates = [ClientUpdate(k, {f"{n}.G": g.float() for n, g in grams.items() if n != "head"}, 100, 0.0) for k in range(CLIENTS)]
+    times = []
+    for _ in range(repeats):
+        strategy.task_sums, strategy.tasks_done = {}, 0
+        start = time.perf_counter()
+        strategy.end_task(0, updates)
+        strategy.base_deltas()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(rank: int, repeats: int) -> dict:
+    """Merge times and upload sizes; see the module docstring."""
+    state = vit_b16_state(rank)
+    rows = range(0, CLASSES // TASKS)
+    result: dict = {"rank": rank, "clients": CLIENTS, "layers": 4 * BLOCKS, "threads": torch.get_num_threads(), "seconds": {}, "bytes": {}}
+    for name, dense in (("diagonal", False), ("dense", True)):
+        cfg = compose_config("config", ["experiment=lorm_cifar100", f"lora.rank={rank}", f"method.gram_alpha={int(dense)}"])
+        strategy = build_strategy(cfg, state)
+        grams = client_grams(state, dense)
+        seconds = {}
+        for server_round, factor in ((1, "lora_A"), (0, "lora_B")):
+            summary = {k: v.float() for k, v in client_summaries(state, grams, factor, rows, 100).items()}
+            updates = [ClientUpdate(k, summary, 100, 0.0) for k in range(CLIENTS)]
+            seconds[f"{factor[-1]}-round"] = time_merge(strategy, server_round, updates, repeats)
+            result["bytes"][f"lorm {name} {factor[-1]}-round"] = reply_bytes(summary)
+        seconds["task end"] = time_task_end(strategy, grams, repeats)
+        result["seconds"][name] = seconds
+        task_end = reply_bytes({f"{n}.G": g for n, g in grams.items() if n != "head"})
+        result["bytes"][f"lorm {name} task-end Grams"] = task_end
+        kinds = ["B", "A", "B", "A", "B"]
+        per_task = sum(result["bytes"][f"lorm {name} {k}-round"] for k in kinds) + task_end
+        result["bytes"][f"lorm {name} mean per round (5-round task)"] = per_task // len(kinds)
+    result["bytes"]["fedavg_lora"] = reply_bytes(state)
+    network = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=CLASSES)
+    dense_grams = 3 * BLOCKS * DIM**2 + BLOCKS * MLP**2 + DIM**2  # qkv, proj, fc1 (768), fc2 (3072), head
+    result["bytes"]["paper code (state dict + dense Grams)"] = 4 * (sum(v.numel() for v in network.state_dict().values()) + dense_grams)
+    return result
+
+
+def report(result: dict) -> None:
+    """Print the figures and ratios side by side."""
+    print(f"ViT-B/16 shapes: {result['layers']} adapted layers, r = {result['rank']}, {result['clients']} clients, "
+          f"{result['threads']} torch threads")
+    print(f"\n{'server merge (s)':<18}{'A-round':>10}{'B-round':>10}{'task end':>10}   target")
+    for name, seconds in result["seconds"].items():
+        worst = max(seconds["A-round"], seconds["B-round"])
+        verdict = "met" if worst < TARGETS_S[name] else "MISSED"
+        print(f"{name:<18}{seconds['A-round']:>10.3f}{seconds['B-round']:>10.3f}{seconds['task end']:>10.3f}   "
+              f"< {TARGETS_S[name]} s per round: {verdict}")
+    base = result["bytes"]["fedavg_lora"]
+    print(f"\n{'upload per client per round':<48}{'bytes':>14}{'vs FedAvg-LoRA':>16}")
+    for name, size in result["bytes"].items():
+        print(f"{name:<48}{size:>14,}{size / base:>16.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    result = measure(args.rank, args.repeats)
+    report(result)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"lorm_merge-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

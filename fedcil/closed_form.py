@@ -59,7 +59,8 @@ def merge_with_grams(numerator: torch.Tensor, gram: Gram, ridge: float) -> torch
     if gram.dim() == 1:
         denominator = gram + eps
         return torch.where(denominator > 0, numerator / denominator.where(denominator > 0, 1.0), 0.0)
-    regularised = gram + eps * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    regularised = gram.clone()
+    regularised.diagonal().add_(eps)
     factor, info = torch.linalg.cholesky_ex(regularised)
     if int(info) == 0:
         return torch.cholesky_solve(numerator.T, factor).T

@@ -51,7 +51,7 @@ def run_plain(config_name: str, overrides: list[str], processes: int) -> PlainRu
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes else None
 
     def send(plan: RoundPlan, task: int, server_round: int, clients: list[int]) -> RoundExchange:
-        request = TrainRequest(task, server_round, plan.state, plan.train_groups, dict(plan.extra))
+        request = TrainRequest(task, server_round, plan.state, plan.train_groups, dict(plan.extra), dict(plan.base))
         args = [(config_name, overrides, request, k) for k in clients]
         updates = list(pool.map(_client_round, *zip(*args))) if pool else [_client_round(*a) for a in args]
         return RoundExchange(canonical_order(updates), bytes_up=0, bytes_down=0, sampled=clients)

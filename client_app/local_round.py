@@ -10,7 +10,7 @@ from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
 from client_app.statistics import reply_tensors
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
-from fedcil.protocol import TensorDict, TrainRequest
+from fedcil.protocol import TensorDict, TrainRequest, unpack_base
 from fedcil.training import TrainSettings, train_local
 
 
@@ -26,8 +26,8 @@ def run_local_round(
 
     A request with no train groups only asks for statistics (loss 0). The client keeps
     nothing between calls that a restart would lose: data, split and partition follow
-    from the config, the model state arrives with the request, and training runs on the
-    frozen ``W0``.
+    from the config, the model state and any change of the frozen ``W0`` arrive with the
+    request.
     """
     if num_partitions != cfg.num_clients:
         raise ConfigError(f"node config num-partitions={num_partitions} != config num_clients={cfg.num_clients}")
@@ -37,7 +37,7 @@ def run_local_round(
     data = experiment.data
     model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
     set_trainable_state(model, request.state)
-    set_base_deltas(model, {})
+    set_base_deltas(model, unpack_base(request.base))
     indices = experiment.client_indices(request.task, partition_id)
     settings = TrainSettings(
         epochs=cfg.local_epochs,

@@ -2,6 +2,9 @@
 
 Request (server -> client) ``RecordDict``:
     ``state``  ArrayRecord   the full trainable state (named tensors, see fedcil.model)
+    ``base``   ArrayRecord   optional: what to add to the frozen ``W0`` of adapted layers,
+                             per layer either ``<layer>.delta`` (dense) or the factors
+                             ``<layer>.U`` and ``<layer>.V`` of ``delta = U V``
     ``config`` ConfigRecord  ``task``, ``round``, ``train-groups`` and method extras
 Reply (client -> server) ``RecordDict``:
     ``update``  ArrayRecord  the trained tensors of the requested groups
@@ -29,6 +32,7 @@ class RoundPlan:
     state: TensorDict
     train_groups: tuple[str, ...]
     extra: dict[str, int | float | str | bool] = field(default_factory=dict)
+    base: TensorDict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class TrainRequest:
     state: TensorDict
     train_groups: tuple[str, ...]
     extra: dict
+    base: TensorDict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,10 @@ def content_sum(tensors: TensorDict) -> float:
 def encode_request(plan: RoundPlan, task: int, server_round: int) -> RecordDict:
     """The request RecordDict for one round."""
     config = {"task": task, "round": server_round, "train-groups": list(plan.train_groups), **plan.extra}
-    return RecordDict({"state": ArrayRecord(plan.state), "config": ConfigRecord(config)})
+    records = {"state": ArrayRecord(plan.state), "config": ConfigRecord(config)}
+    if plan.base:
+        records["base"] = ArrayRecord({k: v.float() for k, v in plan.base.items()})
+    return RecordDict(records)
 
 
 def decode_request(content: RecordDict) -> TrainRequest:
@@ -82,7 +90,17 @@ def decode_request(content: RecordDict) -> TrainRequest:
         state=content.array_records["state"].to_torch_state_dict(),
         train_groups=tuple(config.pop("train-groups")),
         extra=config,
+        base=content.array_records["base"].to_torch_state_dict() if "base" in content.array_records else {},
     )
+
+
+def unpack_base(base: TensorDict) -> TensorDict:
+    """Per layer, the dense delta of a request's ``base`` (``U V`` for factored layers)."""
+    deltas = {k.removesuffix(".delta"): v for k, v in base.items() if k.endswith(".delta")}
+    for key, factor in base.items():
+        if key.endswith(".U"):
+            deltas[key.removesuffix(".U")] = factor @ base[key.removesuffix(".U") + ".V"]
+    return deltas
 
 
 def encode_reply(tensors: TensorDict, num_examples: int, loss: float) -> RecordDict:

@@ -9,11 +9,17 @@ from fedcil.registry import Registry
 from fedcil.protocol import ClientUpdate, RoundPlan, TensorDict
 from strategies.base import FederatedStrategy
 from strategies.fedavg_lora import FedAvgLoRA
+from strategies.fedex_lora import FedExLoRA
+from strategies.ffa_lora import FFALoRA
 from strategies.lorm import LoRM
+from strategies.talora import FedTaLoRA
 
 METHODS: Registry = Registry("method")
 METHODS.register("fedavg_lora")(FedAvgLoRA)
 METHODS.register("lorm")(LoRM)
+METHODS.register("ffa_lora")(FFALoRA)
+METHODS.register("fedex_lora")(FedExLoRA)
+METHODS.register("talora")(FedTaLoRA)
 
 
 CENTRALISED = ("joint",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,3 +46,18 @@ def sum_updates(updates: Sequence[ClientUpdate], keys: Sequence[str]) -> TensorD
             total.add_(buffer.copy_(update.tensors[key]))
         sums[key] = total
     return sums
+
+
+def fresh_adapter(state: TensorDict, seed: int, task: int) -> TensorDict:
+    """``state`` with every adapter re-initialised as PEFT does: B = 0, A kaiming-uniform.
+
+    Seeded by (seed, task), so every run and every process draws the same adapter.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + task)
+    fresh = dict(state)
+    for key in sorted(state):
+        if key.endswith(".lora_A"):
+            fresh[key] = torch.nn.init.kaiming_uniform_(torch.empty_like(state[key]), a=math.sqrt(5), generator=generator)
+        elif key.endswith(".lora_B"):
+            fresh[key] = torch.zeros_like(state[key])
+    return fresh

@@ -28,8 +28,6 @@ before one exists. Every solve runs in float64 with a relative ridge (``ridge``)
 
 from __future__ import annotations
 
-import math
-
 import torch
 from omegaconf import DictConfig
 
@@ -38,7 +36,7 @@ from fedcil.closed_form import Gram, merge_with_grams, sandwich, times_gram
 from fedcil.model import lora_scaling
 from fedcil.protocol import ClientUpdate, RoundPlan, TensorDict
 from fedcil.tasks import make_task_split
-from strategies.aggregation import sum_updates
+from strategies.aggregation import fresh_adapter, sum_updates
 from strategies.base import FederatedStrategy
 
 TRAIN_MATRICES = ("alt", "A", "B")
@@ -108,11 +106,7 @@ class LoRM(FederatedStrategy):
 
     def start_task(self, task: int) -> None:
         """A fresh adapter: B = 0 and A kaiming-uniform (PEFT's init), seeded by the task."""
-        generator = torch.Generator().manual_seed(int(self.cfg.seed) * 1000 + task)
-        for layer in self.layers:
-            A, B = self.state[f"{layer}.lora_A"], self.state[f"{layer}.lora_B"]
-            self.state[f"{layer}.lora_A"] = torch.nn.init.kaiming_uniform_(torch.empty_like(A), a=math.sqrt(5), generator=generator)
-            self.state[f"{layer}.lora_B"] = torch.zeros_like(B)
+        self.state = fresh_adapter(self.state, int(self.cfg.seed), task)
         self.current_gram, self.task_finished = {}, False
 
     def configure_round(self, task: int, server_round: int) -> RoundPlan:

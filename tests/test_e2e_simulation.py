@@ -57,7 +57,10 @@ def check_results(out: Path, dataset: str, num_classes_per_task: int, method: st
 
 # LoRM trains one factor per round, so on the random backbone it needs more local epochs
 # than FedAvg-LoRA to clear the learning bar in two rounds.
-@pytest.mark.parametrize("method, extra", [("fedavg_lora", []), ("lorm", ["local_epochs=6"])])
+@pytest.mark.parametrize(
+    "method, extra",
+    [("fedavg_lora", []), ("lorm", ["local_epochs=6"]), ("ffa_lora", []), ("fedex_lora", []), ("talora", [])],
+)
 def test_digits_simulation_matches_the_loop_without_flower(flower_home, method, extra):
     overrides = [*TINY, "partition=iid", f"method={method}", *extra]
     out = launch("config", [*overrides, f"output_dir={flower_home / 'digits'}"])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.memory import PeakMemory, tree
+from bench.memory import PeakMemory
 from bench.plain_loop import run_plain
 from fedcil.launch import FlowerSite, launch, listening_process
 

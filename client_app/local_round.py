@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
+from client_app.statistics import reply_tensors
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
-from client_app.statistics import reply_tensors
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
 from fedcil.protocol import TensorDict, TrainRequest, unpack_base
 from fedcil.training import TrainSettings, train_local

@@ -32,7 +32,7 @@ class FedExLoRA(FederatedStrategy):
         self.scaling = lora_scaling(cfg.lora)
         self.layers = sorted(k.removesuffix(".lora_A") for k in initial_state if k.endswith(".lora_A"))
         self.residual = ResidualBase()
-        self.use_residual = bool(cfg.method.get("use_reswu", True))
+        self.use_residual = True
 
     def start_task(self, task: int) -> None:
         if not self.fresh_adapter_per_task:

@@ -11,18 +11,10 @@ client uploads half the adapter.
 
 from __future__ import annotations
 
-from fedcil.protocol import ClientUpdate, RoundPlan
-from strategies.aggregation import average_updates
-from strategies.base import FederatedStrategy
+from strategies.fedavg_lora import FedAvgLoRA
 
 
-class FFALoRA(FederatedStrategy):
-    """Train and average B and the head; A never moves."""
+class FFALoRA(FedAvgLoRA):
+    """FedAvg-LoRA's averaging with only B and the head trained; A never moves."""
 
     train_groups = ("lora_B", "head")
-
-    def configure_round(self, task: int, server_round: int) -> RoundPlan:
-        return RoundPlan(state=self.state, train_groups=self.train_groups)
-
-    def aggregate_round(self, task: int, server_round: int, updates: list[ClientUpdate]) -> None:
-        self.state.update(average_updates(updates, list(updates[0].tensors)))

@@ -12,10 +12,17 @@ LoRA scaling)::
 
 from __future__ import annotations
 
+from omegaconf import DictConfig
+
+from fedcil.protocol import TensorDict
 from strategies.fedex_lora import FedExLoRA
 
 
 class FedTaLoRA(FedExLoRA):
-    """FedEx-LoRA's exact residual on a single adapter kept across tasks."""
+    """FedEx-LoRA's exact residual on a single adapter kept across tasks (``use_reswu``)."""
 
     fresh_adapter_per_task = False
+
+    def __init__(self, cfg: DictConfig, initial_state: TensorDict) -> None:
+        super().__init__(cfg, initial_state)
+        self.use_residual = bool(cfg.method.use_reswu)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
+from flwr.app import RecordDict
+
 from client_app.statistics import reply_tensors
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
-from fedcil.protocol import TensorDict, TrainRequest, unpack_base
+from fedcil.protocol import TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
 from fedcil.training import TrainSettings, train_local
 
 
@@ -59,3 +61,9 @@ def run_local_round(
             resolve_device(cfg.device),
         )
     return reply_tensors(cfg, model, request, experiment, indices), len(indices), loss
+
+
+def answer_request(cfg: DictConfig, content: RecordDict, partition_id: int, num_partitions: int) -> RecordDict:
+    """The reply records to one request's records: what a ClientApp sends back."""
+    tensors, num_examples, loss = run_local_round(cfg, decode_request(content), partition_id, num_partitions)
+    return encode_reply(tensors, num_examples, loss)

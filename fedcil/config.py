@@ -70,7 +70,7 @@ def _unknown_key_error(config_name: str, overrides: list[str], message: str) -> 
     base = _compose_raw(config_name, [o for o in overrides if o.split("=")[0] in config_groups()])
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if OmegaConf.select(base, key, default="__missing__") != "__missing__":
+        if key in config_groups() or OmegaConf.select(base, key, default="__missing__") != "__missing__":
             continue
         parent_key, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(base, parent_key) if parent_key else base

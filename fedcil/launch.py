@@ -5,11 +5,13 @@ It does what a careful user would do by hand: check the config before starting a
 with as many SuperNodes as ``num_clients``, stream the logs, check the run's final status
 with ``flwr list``, and stop the local SuperLink it started. With ``model.ssl=true`` it
 first finds (or trains) the cached self-supervised checkpoint; ``method=joint`` (the
-centralised upper bound) runs in this process, without Flower.
+centralised upper bound) runs in this process, without Flower, and so does any method
+with ``backend=inprocess`` (the same loop and clients, no SuperLink or Ray).
 
     fcil-run                                   # the quickstart
     fcil-run dataset=fashion_mnist partition.beta=0.1
     fcil-run experiment=fmnist_ssl method=joint
+    fcil-run experiment=fmnist_ssl method=lorm backend=inprocess device=cuda
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import tomli_w
 from omegaconf import DictConfig
 
 from fedcil.config import compose_config, override_values, quote_value
-from fedcil.errors import ConfigError
+from fedcil.errors import ConfigError, choices_error
 from fedcil.results import default_output_dir
 
 APP_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 39091
+BACKENDS = ("flower", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -125,23 +128,39 @@ def run_status(run_id: str, env: dict[str, str], cwd: Path) -> tuple[str, str]:
     return run["status"], run.get("status-details", "")
 
 
+def with_pretrained_path(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """``overrides``, plus the cached self-supervised checkpoint's path when ``model.ssl`` asks for one.
+
+    The checkpoint is pretrained first when there is none (see :mod:`fedcil.ssl`).
+    """
+    if not cfg.model.ssl or cfg.model.pretrained_path:
+        return overrides
+    from fedcil.ssl import ensure_pretrained  # torch and timm, only when needed
+
+    checkpoint = ensure_pretrained(cfg, log=lambda m: print(m, flush=True)).path
+    return [*overrides, f"model.pretrained_path={quote_value(str(checkpoint))}"]
+
+
 def launch(
     config_name: str, overrides: list[str], keep_superlink: bool = False, site: FlowerSite | None = None
 ) -> Path:
     """Run one experiment; return its output directory. Raises on a failed run."""
     cfg = compose_config(config_name, overrides)  # fails here, before Flower starts, on a bad name
+    if cfg.backend not in BACKENDS:
+        raise choices_error("backend", cfg.backend, list(BACKENDS))
     given = override_values(overrides).get("output_dir")
     out = Path(str(given)).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())
     overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={quote_value(str(out))}"]
-    if cfg.model.ssl and not cfg.model.pretrained_path:
-        from fedcil.ssl import ensure_pretrained  # torch and timm, only when needed
-
-        checkpoint = ensure_pretrained(cfg, log=lambda m: print(m, flush=True)).path
-        overrides.append(f"model.pretrained_path={quote_value(str(checkpoint))}")
+    overrides = with_pretrained_path(cfg, overrides)
     if cfg.method.name == "joint":  # centralised upper bound: no Flower
         from fedcil.joint import run_joint
 
         run_joint(compose_config(config_name, overrides), log=lambda m: print(m, flush=True))
+        return out
+    if cfg.backend == "inprocess":  # the same loop and clients, without Flower's runtime
+        from server_app.inprocess import run_inprocess
+
+        run_inprocess(compose_config(config_name, overrides))
         return out
     site = site or FlowerSite.from_env()
     site.home.mkdir(parents=True, exist_ok=True)

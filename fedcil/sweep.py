@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedcil.config import CONF_DIR, compose_config, quote_value, to_container
-from fedcil.launch import FlowerSite, launch
+from fedcil.launch import FlowerSite, launch, with_pretrained_path
 from fedcil.results import write_atomic
 
 FAILED_JOBS: list[str] = []
@@ -44,6 +44,7 @@ def run_job(config_name: str, overrides: list[str], job_dir: Path) -> str:
     error_file = job_dir / "error.json"
     config = None
     try:
+        overrides = with_pretrained_path(compose_config(config_name, overrides), overrides)
         config = to_container(compose_config(config_name, overrides))
         if same_config(job_dir / "results.json", config):
             print(f"fcil-sweep: skipping {job_dir} (results exist)", flush=True)

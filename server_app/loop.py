@@ -79,14 +79,24 @@ def flower_sender(grid: Grid, round_timeout: float | None) -> Send:
 
 def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
-    started, started_at = time.monotonic(), time.time()
+    started = time.monotonic()
+    nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
+    return run_rounds(flower_sender(grid, cfg.round_timeout), nodes, cfg, started)
+
+
+def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | None = None) -> dict:
+    """Every task and round of ``cfg`` through ``send`` to ``nodes``; write and return the results.
+
+    The one task/round loop, whatever carries the messages (Flower, or the in-process
+    sender of :mod:`server_app.inprocess`). ``started`` (``time.monotonic()``) counts
+    earlier set-up into the run's times.
+    """
+    started, started_at = started or time.monotonic(), time.time()
     output_dir = resolve_output_dir(cfg)
     experiment = experiment_for(cfg)
     evaluator = Evaluator(cfg, experiment)
     strategy = build_strategy(cfg, evaluator.model.initial_state)
-    nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
     rng = np.random.default_rng(cfg.seed)
-    send = flower_sender(grid, cfg.round_timeout)
     num_tasks, rounds_per_task = experiment.num_tasks, cfg.rounds_per_task
     log(INFO, "%s on %s: %d tasks x %d rounds, %d clients, output %s",
         cfg.method.name, cfg.dataset.name, num_tasks, rounds_per_task, len(nodes), output_dir)

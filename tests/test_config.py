@@ -52,3 +52,11 @@ def test_unknown_config_name():
 def test_config_is_read_only(cfg):
     with pytest.raises(Exception):
         cfg.seed = 3
+
+
+def test_unknown_backend_fails_before_anything_runs(tmp_path):
+    from fedcil.launch import launch
+
+    with pytest.raises(ConfigError, match="unknown backend 'ray'; valid choices: flower, inprocess"):
+        launch("config", ["backend=ray", f"output_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,60 @@
+"""Federated runs without Flower's runtime: every client is a function call.
+
+``backend=inprocess`` runs the ServerApp's task/round loop (:func:`server_app.loop.run_rounds`)
+with the same strategies and the same client code, and passes every request and reply
+through the same records a Flower run sends; bytes are the protobuf sizes of those
+records (a Flower message adds about a hundred bytes of metadata). There is no SuperLink and no Ray: one process, which is the quickest way to use
+a single GPU and the easiest to debug. An ``executor`` (a process pool) trains the
+sampled clients side by side, as Ray actors do.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor
+
+import torch
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_to_proto
+from omegaconf import DictConfig
+
+from client_app.local_round import answer_request
+from fedcil.protocol import RoundPlan, canonical_order, decode_reply, encode_request
+from server_app.federation import RoundExchange
+from server_app.loop import Send, run_rounds
+
+
+def records_bytes(content: RecordDict) -> int:
+    """Size of a message's records as serialised on the wire (protobuf)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def pooled_answer(cfg: DictConfig, content: RecordDict, partition_id: int) -> RecordDict:
+    """:func:`answer_request` in a pool worker, with the client's thread count."""
+    torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
+    return answer_request(cfg, content, partition_id, cfg.num_clients)
+
+
+def inprocess_sender(cfg: DictConfig, executor: Executor | None = None) -> Send:
+    """A :data:`server_app.loop.Send` whose node ``k`` is partition ``k``, trained here or in ``executor``."""
+
+    def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
+        content = encode_request(plan, task, server_round)
+        if executor is None:
+            replies = [answer_request(cfg, content, n, cfg.num_clients) for n in nodes]
+        else:
+            replies = list(executor.map(pooled_answer, [cfg] * len(nodes), [content] * len(nodes), nodes))
+        return RoundExchange(
+            updates=canonical_order([decode_reply(n, r) for n, r in zip(nodes, replies)]),
+            bytes_up=sum(records_bytes(r) for r in replies),
+            bytes_down=records_bytes(content) * len(nodes),
+            sampled=nodes,
+        )
+
+    return send
+
+
+def run_inprocess(cfg: DictConfig, executor: Executor | None = None) -> dict:
+    """Run ``cfg`` with ``num_clients`` in-process clients; write and return the results."""
+    started = time.monotonic()
+    return run_rounds(inprocess_sender(cfg, executor), list(range(cfg.num_clients)), cfg, started)

@@ -7,15 +7,23 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client_app.local_round import answer_request
-from fedcil.config import compose_config
+from fedcil.config import compose_config, parse_overrides, quote_value
 
 app = ClientApp()
+
+
+def node_overrides(context: Context) -> list[str]:
+    """The run's overrides, plus what this SuperNode's node config decides: its data directory."""
+    overrides = parse_overrides(str(context.run_config["overrides"]))
+    if "data-dir" in context.node_config:
+        overrides.append(f"dataset.root={quote_value(str(context.node_config['data-dir']))}")
+    return overrides
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train LoRA + head on this node's partition of the current task."""
-    cfg = compose_config(str(context.run_config["config-name"]), str(context.run_config["overrides"]))
+    cfg = compose_config(str(context.run_config["config-name"]), node_overrides(context))
     torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
     reply = answer_request(
         cfg,

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# A real Flower deployment on this machine, step by step, without Docker: a SuperLink with
+# TLS and a state database, N SuperNodes (each with its own partition, and optionally its
+# own data directory), `flwr run` submitted to it over TLS, the run's status checked, and
+# every process stopped at the end, also on failure or Ctrl-C.
+#
+#   bash scripts/deploy_local.sh [-n NODES] [-w WORKDIR] [-d DATA_DIR] [OVERRIDE ...]
+#   bash scripts/deploy_local.sh -n 3 num_clients=3 dataset=fashion_mnist
+#
+# WORKDIR (default: a new folder under /tmp) receives certs/, the SuperLink's state.db, one
+# log per process, pids, and results/ (unless an override sets output_dir). num_clients
+# must equal NODES. On real machines run the same commands on each host, with the
+# SuperLink's address in place of 127.0.0.1 and that address in the certificate
+# (docker/certs.sh DIR IP:...). Exit code: 0 when the run finished completed.
+set -euo pipefail
+APP=$(cd "$(dirname "$0")/.." && pwd)
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+nodes=3 work="" data_dir=""
+while getopts "n:w:d:h" opt; do
+  case $opt in
+    n) nodes=$OPTARG ;;
+    w) work=$OPTARG ;;
+    d) data_dir=$(realpath -m "$OPTARG") ;;
+    *) usage; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+if ! [[ $nodes =~ ^[1-9][0-9]*$ ]]; then
+  echo "deploy_local.sh: -n $nodes is not a positive number of SuperNodes" >&2; exit 2
+fi
+[ -x "$APP/.venv/bin/flwr" ] || { echo "deploy_local.sh: no $APP/.venv; run bash scripts/setup.sh first" >&2; exit 2; }
+work=$(realpath -m "${work:-$(mktemp -d /tmp/fcil-deploy-XXXXXX)}")
+mkdir -p "$work"
+PY="$APP/.venv/bin/python"
+export PATH="$APP/.venv/bin:$PATH" FLWR_HOME="$work/flwr-home" FLWR_TELEMETRY_ENABLED=0 \
+  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Every process started here, and their descendants (the SuperLink's SuperExec, the
+# ServerApp, the ClientApps), are stopped by pid on exit.
+pids=()
+descendants() { local child; for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done; }
+stop_all() {
+  local all=() pid
+  for pid in "${pids[@]}"; do all+=("$pid" $(descendants "$pid")); done
+  [ ${#all[@]} -eq 0 ] && return
+  kill -TERM "${all[@]}" 2>/dev/null || true
+  for _ in $(seq 50); do
+    alive=0; for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive -eq 0 ] && break; sleep 0.2
+  done
+  kill -KILL "${all[@]}" 2>/dev/null || true
+  echo "deploy_local.sh: stopped ${#all[@]} processes"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+start() {  # start NAME COMMAND...: run in the background, log to WORKDIR/NAME.log
+  local name=$1; shift
+  "$@" > "$work/$name.log" 2>&1 &
+  pids+=($!); echo "$name $!" >> "$work/pids"
+}
+
+echo "== 1. certificates (a private CA and the SuperLink's certificate)"
+[ -e "$work/certs/ca.crt" ] || bash "$APP/docker/certs.sh" "$work/certs"
+
+echo "== 2. SuperLink: TLS, state in $work/state.db"
+port=$(free_port)
+echo "superlink-port $port" >> "$work/ports"
+start superlink flower-superlink \
+  --ssl-ca-certfile "$work/certs/ca.crt" --ssl-certfile "$work/certs/server.pem" --ssl-keyfile "$work/certs/server.key" \
+  --database "$work/state.db" --host 127.0.0.1 --port "$port" --isolation subprocess \
+  --disable-runtime-dependency-installation
+for _ in $(seq 120); do
+  "$PY" -c "import httpx, sys; httpx.get('https://127.0.0.1:$port/health', verify='$work/certs/ca.crt', timeout=1).raise_for_status()" \
+    2>/dev/null && break
+  kill -0 "${pids[0]}" 2>/dev/null || { cat "$work/superlink.log" >&2; exit 1; }
+  sleep 0.5
+done
+
+echo "== 3. $nodes SuperNodes over TLS, each with its partition${data_dir:+ and data dir $data_dir}"
+for ((i = 0; i < nodes; i++)); do
+  node_port=$(free_port)
+  echo "supernode-$i-port $node_port" >> "$work/ports"
+  start "supernode-$i" flower-supernode \
+    --root-certificates "$work/certs/ca.crt" --superlink "127.0.0.1:$port" --port "$node_port" \
+    --node-config "partition-id=$i num-partitions=$nodes${data_dir:+ data-dir=\"$data_dir\"}"
+done
+
+echo "== 4. flwr run over TLS"
+mkdir -p "$FLWR_HOME"
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "deployment"
+
+[superlink.deployment]
+address = "127.0.0.1:$port"
+root-certificates = "$work/certs/ca.crt"
+EOF
+overrides=("$@")
+printf '%s\n' "${overrides[@]}" | grep -q '^output_dir=' || overrides+=("output_dir=$work/results")
+"$PY" -c 'import shlex, sys, tomli_w; print(tomli_w.dumps({"config-name": "config", "overrides": shlex.join(sys.argv[1:])}))' \
+  "${overrides[@]}" > "$work/run-config.toml"
+(cd "$work" && flwr run "$APP" deployment --stream --run-config "$work/run-config.toml") 2>&1 | tee "$work/flwr-run.log"
+run_id=$(grep -oE 'Successfully started run [0-9]+' "$work/flwr-run.log" | grep -oE '[0-9]+$' || true)
+[ -n "$run_id" ] || { echo "deploy_local.sh: flwr run did not start a run" >&2; exit 1; }
+
+echo "== 5. the run's final status"
+status=$(cd "$work" && flwr list --run-id "$run_id" --format json | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+echo "run $run_id: $status"
+[ "$status" = "finished:completed" ] || exit 1
+echo "deploy_local.sh: results in $(printf '%s\n' "${overrides[@]}" | sed -n 's/^output_dir=//p' | tail -1)"

@@ -1,0 +1,55 @@
+"""A real deployment as plain processes: SuperLink with TLS and a state database, 3 SuperNodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+from flwr.app import Context, RecordDict
+
+from client_app.app import node_overrides
+from fedcil.launch import APP_DIR, launch, listening_process
+
+pytestmark = pytest.mark.e2e
+
+DEPLOY = APP_DIR / "scripts" / "deploy_local.sh"
+TINY = ["num_tasks=2", "rounds_per_task=2", "num_clients=3", "local_epochs=3", "partition=iid"]
+
+
+def test_tls_deployment_completes_matches_the_loop_and_leaves_no_process(tmp_path):
+    work = tmp_path / "deploy"
+    out = subprocess.run(
+        ["bash", str(DEPLOY), "-n", "3", "-w", str(work), *TINY], capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "finished:completed" in out.stdout
+    results = json.loads((work / "results" / "results.json").read_text())
+    assert [r["clients"] for r in results["rounds"]] == [3, 3, 3, 3]
+    assert all(r["bytes_up"] > 0 and not r["missing"] for r in results["rounds"])
+    local = json.loads((launch("config", [*TINY, "backend=inprocess", f"output_dir={tmp_path / 'local'}"]) / "results.json").read_text())
+    assert results["accuracy_matrix"] == local["accuracy_matrix"]
+
+    assert "Uvicorn running on https://127.0.0.1" in (work / "superlink.log").read_text()  # TLS on
+    assert (work / "state.db").stat().st_size > 0
+    pids = [int(line.split()[1]) for line in (work / "pids").read_text().splitlines()]
+    ports = [int(line.split()[1]) for line in (work / "ports").read_text().splitlines()]
+    assert len(pids) == 4 and len(ports) == 4
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert all(listening_process(port) is None for port in ports)
+
+
+def test_bad_node_count_is_refused_before_anything_starts(tmp_path):
+    out = subprocess.run(["bash", str(DEPLOY), "-n", "0", "-w", str(tmp_path / "w")], capture_output=True, text=True)
+    assert out.returncode == 2 and "-n 0 is not a positive number of SuperNodes" in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_supernode_data_dir_becomes_its_dataset_root():
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3, "data-dir": "/data/node 0"},
+        state=RecordDict(), run_config={"config-name": "config", "overrides": "dataset=fashion_mnist seed=3"},
+    )
+    assert node_overrides(context) == ["dataset=fashion_mnist", "seed=3", "dataset.root='/data/node 0'"]

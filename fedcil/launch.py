@@ -148,9 +148,12 @@ def launch(
     cfg = compose_config(config_name, overrides)  # fails here, before Flower starts, on a bad name
     if cfg.backend not in BACKENDS:
         raise choices_error("backend", cfg.backend, list(BACKENDS))
-    given = override_values(overrides).get("output_dir")
+    values = override_values(overrides)
+    given = values.get("output_dir") or values.get("resume")
     out = Path(str(given)).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())
-    overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={quote_value(str(out))}"]
+    overrides = [o for o in overrides if not o.startswith(("output_dir=", "resume="))] + [f"output_dir={quote_value(str(out))}"]
+    if values.get("resume"):
+        overrides.append(f"resume={quote_value(str(Path(str(values['resume'])).expanduser().resolve()))}")
     overrides = with_pretrained_path(cfg, overrides)
     if cfg.method.name == "joint":  # centralised upper bound: no Flower
         from fedcil.joint import run_joint

@@ -23,14 +23,15 @@ def default_output_dir(cfg: DictConfig, root: Path) -> Path:
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
-    """``cfg.output_dir`` (must be absolute), else a new folder under ``<cwd>/outputs``."""
+    """``cfg.output_dir``, else ``cfg.resume`` (absolute paths), else a new folder under ``<cwd>/outputs``."""
     from fedcil.errors import ConfigError
 
-    if cfg.output_dir:
-        path = Path(cfg.output_dir)
-        if not path.is_absolute():
-            raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path")
-        return path
+    for key in ("output_dir", "resume"):
+        if cfg[key]:
+            path = Path(cfg[key])
+            if not path.is_absolute():
+                raise ConfigError(f"{key}={cfg[key]!r} must be an absolute path")
+            return path
     return default_output_dir(cfg, Path.cwd())
 
 

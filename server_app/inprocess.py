@@ -11,7 +11,9 @@ sampled clients side by side, as Ray actors do.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 
 import torch
 from flwr.app import RecordDict
@@ -29,10 +31,25 @@ def records_bytes(content: RecordDict) -> int:
     return recorddict_to_proto(content).ByteSize()
 
 
+@contextmanager
+def client_threads(cfg: DictConfig) -> Iterator[None]:
+    """Torch uses ``client_resources.num_cpus`` threads inside, as a Flower client does.
+
+    Floating-point reductions depend on the thread count, so this is what makes a run
+    bit-identical under both backends (and a resumed run equal to an uninterrupted one).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pooled_answer(cfg: DictConfig, content: RecordDict, partition_id: int) -> RecordDict:
     """:func:`answer_request` in a pool worker, with the client's thread count."""
-    torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
-    return answer_request(cfg, content, partition_id, cfg.num_clients)
+    with client_threads(cfg):
+        return answer_request(cfg, content, partition_id, cfg.num_clients)
 
 
 def inprocess_sender(cfg: DictConfig, executor: Executor | None = None) -> Send:
@@ -41,7 +58,8 @@ def inprocess_sender(cfg: DictConfig, executor: Executor | None = None) -> Send:
     def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
         content = encode_request(plan, task, server_round)
         if executor is None:
-            replies = [answer_request(cfg, content, n, cfg.num_clients) for n in nodes]
+            with client_threads(cfg):
+                replies = [answer_request(cfg, content, n, cfg.num_clients) for n in nodes]
         else:
             replies = list(executor.map(pooled_answer, [cfg] * len(nodes), [content] * len(nodes), nodes))
         return RoundExchange(

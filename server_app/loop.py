@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from logging import INFO
 
 import numpy as np
@@ -11,6 +12,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedcil.config import to_container
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.metrics import summary
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
@@ -77,6 +80,17 @@ def flower_sender(grid: Grid, round_timeout: float | None) -> Send:
     return send
 
 
+def round_record(task: int, server_round: int, result: RoundExchange, accuracy: float | None, seconds: float) -> dict:
+    """One round's entry of ``results.json`` (``rounds``)."""
+    updates = result.updates
+    return {
+        "task": task, "round": server_round, "clients": len(updates),
+        "loss": float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates])),
+        "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
+        "seconds": seconds, "missing": sorted(result.failed),
+    }
+
+
 def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
     started = time.monotonic()
@@ -89,7 +103,8 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
 
     The one task/round loop, whatever carries the messages (Flower, or the in-process
     sender of :mod:`server_app.inprocess`). ``started`` (``time.monotonic()``) counts
-    earlier set-up into the run's times.
+    earlier set-up into the run's times. With ``checkpoint`` a checkpoint is written after
+    every round; with ``resume=<dir>`` the run goes on from the checkpoint there.
     """
     started, started_at = started or time.monotonic(), time.time()
     output_dir = resolve_output_dir(cfg)
@@ -98,16 +113,26 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
     strategy = build_strategy(cfg, evaluator.model.initial_state)
     rng = np.random.default_rng(cfg.seed)
     num_tasks, rounds_per_task = experiment.num_tasks, cfg.rounds_per_task
+    accuracy_matrix: list[list[float | None]] = []
+    rounds: list[dict] = []
+    counts: list[int] = []
+    first_task, first_round = 0, 0
+    if cfg.resume:
+        checkpoint, tensors = load_checkpoint(Path(cfg.resume), to_container(cfg))
+        strategy.restore(tensors, checkpoint.values)
+        rng.bit_generator.state = checkpoint.rng_state
+        accuracy_matrix, rounds, counts = checkpoint.accuracy_matrix, checkpoint.rounds, checkpoint.counts
+        first_task, first_round = checkpoint.next_position(rounds_per_task)
+        log(INFO, "resuming %s after task %d round %d", cfg.resume, checkpoint.task + 1, checkpoint.server_round + 1)
     log(INFO, "%s on %s: %d tasks x %d rounds, %d clients, output %s",
         cfg.method.name, cfg.dataset.name, num_tasks, rounds_per_task, len(nodes), output_dir)
 
     setup_seconds = time.monotonic() - started
-    accuracy_matrix: list[list[float | None]] = []
-    rounds: list[dict] = []
-    counts: list[int] = []
-    for task in range(num_tasks):
-        strategy.start_task(task)
-        for server_round in range(rounds_per_task):
+    restored = len(rounds)
+    for task in range(first_task, num_tasks):
+        if not (task == first_task and first_round > 0):  # a resumed task already started
+            strategy.start_task(task)
+        for server_round in range(first_round if task == first_task else 0, rounds_per_task):
             round_start = time.monotonic()
             result = train_round(send, cfg, strategy, nodes, rng, task, server_round)
             last = server_round == rounds_per_task - 1
@@ -117,17 +142,17 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
                 accuracy = float(np.average(per_task, weights=counts))
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
-            updates = result.updates
-            rounds.append({
-                "task": task, "round": server_round, "clients": len(updates),
-                "loss": float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates])),
-                "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
-                "seconds": time.monotonic() - round_start, "missing": sorted(result.failed),
-            })
-            eta = (time.monotonic() - started) / len(rounds) * (num_tasks * rounds_per_task - len(rounds))
+            rounds.append(round_record(task, server_round, result, accuracy, time.monotonic() - round_start))
+            if cfg.checkpoint:
+                tensors, values = strategy.checkpoint()
+                save_checkpoint(output_dir, Checkpoint(
+                    task, server_round, accuracy_matrix, counts, rounds, rng.bit_generator.state, values, to_container(cfg),
+                ), tensors)
+            remaining = num_tasks * rounds_per_task - len(rounds)
+            eta = (time.monotonic() - started) / (len(rounds) - restored) * remaining
             log(INFO, "[task %d/%d round %d/%d] loss %.4f  acc(seen) %s  clients %d  %.1fs  ETA %ds",
                 task + 1, num_tasks, server_round + 1, rounds_per_task, rounds[-1]["loss"],
-                "-" if accuracy is None else f"{accuracy:.2f}%", len(updates), rounds[-1]["seconds"], eta)
+                "-" if accuracy is None else f"{accuracy:.2f}%", len(result.updates), rounds[-1]["seconds"], eta)
 
     results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds)
     write_results(output_dir, results)

@@ -50,3 +50,14 @@ class FederatedStrategy(ABC):
     def base_deltas(self) -> TensorDict:
         """Per adapted layer, what the evaluated model adds to the frozen ``W0`` (none by default)."""
         return {}
+
+    def checkpoint(self) -> tuple[TensorDict, dict]:
+        """Everything needed to go on after a restart: named tensors and JSON-able values.
+
+        Subclasses with more server state extend both this and :meth:`restore`.
+        """
+        return {f"state/{k}": v for k, v in self.state.items()}, {}
+
+    def restore(self, tensors: TensorDict, values: dict) -> None:
+        """Take back what :meth:`checkpoint` returned (on a strategy built from the same config)."""
+        self.state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}

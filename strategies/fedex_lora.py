@@ -57,3 +57,11 @@ class FedExLoRA(FederatedStrategy):
 
     def base_deltas(self) -> TensorDict:
         return self.residual.deltas()
+
+    def checkpoint(self) -> tuple[TensorDict, dict]:
+        tensors, values = super().checkpoint()
+        return {**tensors, **self.residual.to_tensors("residual/")}, values
+
+    def restore(self, tensors: TensorDict, values: dict) -> None:
+        super().restore(tensors, values)
+        self.residual = ResidualBase.from_tensors(tensors, "residual/")

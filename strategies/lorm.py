@@ -167,6 +167,22 @@ class LoRM(FederatedStrategy):
             for layer, (weighted, gram) in self._evaluated_sums().items()
         }
 
+    def checkpoint(self) -> tuple[TensorDict, dict]:
+        tensors, values = super().checkpoint()
+        for layer, (weighted, gram) in self.task_sums.items():
+            tensors[f"task_sums/{layer}.weighted"], tensors[f"task_sums/{layer}.gram"] = weighted, gram
+        tensors.update({f"current_gram/{layer}": gram for layer, gram in self.current_gram.items()})
+        return tensors, {**values, "tasks_done": self.tasks_done, "task_finished": self.task_finished}
+
+    def restore(self, tensors: TensorDict, values: dict) -> None:
+        super().restore(tensors, values)
+        self.task_sums = {
+            layer: (tensors[f"task_sums/{layer}.weighted"], tensors[f"task_sums/{layer}.gram"])
+            for layer in self.layers if f"task_sums/{layer}.gram" in tensors
+        }
+        self.current_gram = {layer: tensors[f"current_gram/{layer}"] for layer in self.layers if f"current_gram/{layer}" in tensors}
+        self.tasks_done, self.task_finished = int(values["tasks_done"]), bool(values["task_finished"])
+
     def evaluation_state(self) -> TensorDict:
         """The head and, unless the adapter already sits in the merged base, the adapter."""
         if not self._evaluated_sums():

@@ -67,3 +67,22 @@ class ResidualBase:
         for layer, (U, V) in self.factors.items():
             packed[f"{layer}.U"], packed[f"{layer}.V"] = U, V
         return packed
+
+    def to_tensors(self, prefix: str) -> TensorDict:
+        """The residual as named tensors (``<prefix><layer>.U``/``.V`` or ``.delta``), for checkpoints."""
+        return {f"{prefix}{name}": tensor for name, tensor in self.message().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: TensorDict, prefix: str) -> ResidualBase:
+        """The residual that :meth:`to_tensors` wrote under ``prefix``."""
+        base = cls()
+        for key, tensor in tensors.items():
+            name = key.removeprefix(prefix)
+            if not key.startswith(prefix):
+                continue
+            if name.endswith(".delta"):
+                base.dense[name.removesuffix(".delta")] = tensor
+            elif name.endswith(".U"):
+                layer = name.removesuffix(".U")
+                base.factors[layer] = (tensor, tensors[f"{prefix}{layer}.V"])
+        return base

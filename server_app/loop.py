@@ -67,13 +67,17 @@ def train_round(
     return result
 
 
-def flower_sender(grid: Grid, round_timeout: float | None) -> Send:
-    """A :data:`Send` over Flower messages on ``grid``."""
+def flower_sender(grid: Grid, round_timeout: float | None, min_replies: int) -> Send:
+    """A :data:`Send` over Flower messages on ``grid``; fewer than ``min_replies`` valid replies stop the run."""
 
     def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
         result = exchange(grid, encode_request(plan, task, server_round), nodes, round_timeout)
-        if not result.updates:
-            raise RuntimeError(f"task {task} round {server_round}: no valid client reply; stopping")
+        needed = min(min_replies, len(nodes))
+        if len(result.updates) < needed:
+            raise RuntimeError(
+                f"task {task + 1} round {server_round + 1}: {len(result.updates)} valid client replies, "
+                f"min_replies={min_replies} needed; stopping (the checkpoint of the last finished round is kept)"
+            )
         result.updates = canonical_order(result.updates)
         return result
 
@@ -95,7 +99,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
     started = time.monotonic()
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
-    return run_rounds(flower_sender(grid, cfg.round_timeout), nodes, cfg, started)
+    return run_rounds(flower_sender(grid, cfg.round_timeout, cfg.min_replies), nodes, cfg, started)
 
 
 def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | None = None) -> dict:

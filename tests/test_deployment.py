@@ -41,6 +41,30 @@ def test_tls_deployment_completes_matches_the_loop_and_leaves_no_process(tmp_pat
     assert all(listening_process(port) is None for port in ports)
 
 
+def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):
+    """SIGKILL one SuperNode (and its ClientApp) after the first round: the others finish the run."""
+    work = tmp_path / "deploy"
+    overrides = [*TINY, "round_timeout=20", "min_replies=2"]
+    proc = subprocess.Popen(["bash", str(DEPLOY), "-n", "3", "-w", str(work), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    try:
+        for line in proc.stdout:
+            if victim is None and "[task 1/2 round 1/2]" in line:
+                pid = next(int(r.split()[1]) for r in (work / "pids").read_text().splitlines() if r.startswith("supernode-2 "))
+                victim = psutil.Process(pid)
+                for member in [*victim.children(recursive=True), victim]:
+                    member.kill()
+        proc.wait(timeout=900)
+    finally:
+        proc.kill()
+    assert victim is not None and proc.returncode == 0
+    rounds = json.loads((work / "results" / "results.json").read_text())["rounds"]
+    assert rounds[0]["clients"] == 3 and not rounds[0]["missing"]
+    assert [r["clients"] for r in rounds[1:]] == [2, 2, 2]
+    assert all(len(r["missing"]) == 1 for r in rounds[1:]) and len({r["missing"][0] for r in rounds[1:]}) == 1
+
+
 def test_bad_node_count_is_refused_before_anything_starts(tmp_path):
     out = subprocess.run(["bash", str(DEPLOY), "-n", "0", "-w", str(tmp_path / "w")], capture_output=True, text=True)
     assert out.returncode == 2 and "-n 0 is not a positive number of SuperNodes" in out.stderr

@@ -60,8 +60,12 @@ def exchange(grid: Grid, content: RecordDict, node_ids: list[int], timeout: floa
     messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
     result = RoundExchange(updates=[], bytes_up=0, bytes_down=sum(message_bytes(m) for m in messages), sampled=node_ids)
     replied = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = int(reply.metadata.src_node_id)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # Pushing gave each message its id; an error the SuperLink answers for a lost node
+    # ("Node Unavailable") comes from the SuperLink, so replies are matched by that id.
+    sent_to = {m.metadata.message_id: n for m, n in zip(messages, node_ids)}
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
         replied.add(node)
         if reply.has_error():
             result.failed[node] = f"client error: {reply.error.reason}"

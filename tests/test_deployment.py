@@ -44,13 +44,14 @@ def test_tls_deployment_completes_matches_the_loop_and_leaves_no_process(tmp_pat
 def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):
     """SIGKILL one SuperNode (and its ClientApp) after the first round: the others finish the run."""
     work = tmp_path / "deploy"
-    overrides = [*TINY, "round_timeout=20", "min_replies=2"]
+    # Generous timeout: a round here takes 20-40 s (each ClientApp message starts a Python process).
+    overrides = ["num_tasks=2", "rounds_per_task=1", "num_clients=3", "local_epochs=1", "round_timeout=60", "min_replies=2"]
     proc = subprocess.Popen(["bash", str(DEPLOY), "-n", "3", "-w", str(work), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = None
     try:
         for line in proc.stdout:
-            if victim is None and "[task 1/2 round 1/2]" in line:
+            if victim is None and "[task 1/2 round 1/1]" in line:
                 pid = next(int(r.split()[1]) for r in (work / "pids").read_text().splitlines() if r.startswith("supernode-2 "))
                 victim = psutil.Process(pid)
                 for member in [*victim.children(recursive=True), victim]:
@@ -61,8 +62,7 @@ def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):
     assert victim is not None and proc.returncode == 0
     rounds = json.loads((work / "results" / "results.json").read_text())["rounds"]
     assert rounds[0]["clients"] == 3 and not rounds[0]["missing"]
-    assert [r["clients"] for r in rounds[1:]] == [2, 2, 2]
-    assert all(len(r["missing"]) == 1 for r in rounds[1:]) and len({r["missing"][0] for r in rounds[1:]}) == 1
+    assert rounds[1]["clients"] == 2 and len(rounds[1]["missing"]) == 1
 
 
 def test_bad_node_count_is_refused_before_anything_starts(tmp_path):

@@ -3,9 +3,10 @@
 ``backend=inprocess`` runs the ServerApp's task/round loop (:func:`server_app.loop.run_rounds`)
 with the same strategies and the same client code, and passes every request and reply
 through the same records a Flower run sends; bytes are the protobuf sizes of those
-records (a Flower message adds about a hundred bytes of metadata). There is no SuperLink and no Ray: one process, which is the quickest way to use
-a single GPU and the easiest to debug. An ``executor`` (a process pool) trains the
-sampled clients side by side, as Ray actors do.
+records (a Flower message adds about a hundred bytes of metadata). There is no SuperLink
+and no Ray: one process, which is the quickest way to use a single GPU and the easiest to
+debug. An ``executor`` (a process pool) trains the sampled clients side by side, as Ray
+actors do. A client that raises stops the run (its last checkpoint is kept).
 """
 
 from __future__ import annotations

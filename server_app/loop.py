@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 from flwr.common.logger import log

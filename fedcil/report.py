@@ -115,7 +115,9 @@ def summarise(groups: dict[tuple, list[Run]]) -> list[dict[str, Any]]:
 
 
 def short(value: Any) -> str:
-    """A setting for display: absolute paths shortened to their last two parts."""
+    """A setting for display: absolute paths shortened to their last two parts; unset as ``-``."""
+    if value is None:
+        return "-"
     text = str(value)
     return "/".join(Path(text).parts[-2:]) if text.startswith("/") else text
 
@@ -151,8 +153,15 @@ def write_csv(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
 
 
 def label(key: tuple, keys: list[str], skip: str | None = None) -> str:
-    parts = [str(key[0])] + [f"{k}={short(v)}" for k, v in zip(keys, key[1:]) if k != skip]
+    """A group's legend entry: the method and its settings that are set (unset ones left out)."""
+    parts = [str(key[0])] + [f"{k}={short(v)}" for k, v in zip(keys, key[1:]) if k != skip and v is not None]
     return " ".join(parts)
+
+
+def save_with_legend(fig, ax, path: Path) -> None:
+    """Save ``fig`` with ``ax``'s legend to the right of the plot, however many entries it has."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> list[str]:
@@ -165,8 +174,11 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
     written = []
     if "partition.beta" in keys:
         beta_at = keys.index("partition.beta") + 1
+        name_at = keys.index("partition.name") + 1 if "partition.name" in keys else None
         lines: dict[str, list[tuple[float, float, float]]] = {}
         for key, members in groups.items():
+            if key[beta_at] is None or (name_at is not None and key[name_at] != "dirichlet"):
+                continue  # beta only means something for the Dirichlet partition
             mean, std = mean_std([m.metrics["faa"] for m in members])
             lines.setdefault(label(key, keys, "partition.beta"), []).append((float(key[beta_at]), mean, std or 0.0))
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -175,9 +187,7 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                         marker="o", capsize=3, label=name)
         ax.set(xscale="log", xlabel="Dirichlet beta (smaller = more skewed)", ylabel="FAA (%)", title="FAA against beta")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "faa_vs_beta.png", dpi=120)
+        save_with_legend(fig, ax, out / "faa_vs_beta.png")
         plt.close(fig)
         written.append("faa_vs_beta.png")
 
@@ -191,9 +201,7 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
         ax.set_xticks(range(curves.shape[1]))
     ax.set(xlabel="after training task", ylabel="mean accuracy on seen tasks (%)", ylim=(0, 100),
            title="accuracy after each task (mean ± std over seeds)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_per_task.png", dpi=120)
+    save_with_legend(fig, ax, out / "accuracy_per_task.png")
     plt.close(fig)
     written.append("accuracy_per_task.png")
 

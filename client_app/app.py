@@ -22,13 +22,24 @@ def node_overrides(context: Context) -> list[str]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train LoRA + head on this node's partition of the current task."""
+    """Train LoRA + head on this node's partition of the current task (or send statistics)."""
+    return reply(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the sent model on this node's own test shard (``evaluation: clients``)."""
+    return reply(msg, context)
+
+
+def reply(msg: Message, context: Context) -> Message:
+    """Answer a request with this node's config, partition and thread count."""
     cfg = compose_config(str(context.run_config["config-name"]), node_overrides(context))
     torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
-    reply = answer_request(
+    content = answer_request(
         cfg,
         msg.content,
         partition_id=int(context.node_config["partition-id"]),
         num_partitions=int(context.node_config["num-partitions"]),
     )
-    return Message(content=reply, reply_to=msg)
+    return Message(content=content, reply_to=msg)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
-from omegaconf import DictConfig
-
+import torch
 from flwr.app import RecordDict
+from omegaconf import DictConfig
 
 from client_app.statistics import reply_tensors
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
 from fedcil.protocol import TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
-from fedcil.training import TrainSettings, train_local
+from fedcil.training import TrainSettings, correct_per_task, train_local
 
 
 def round_seed(seed: int, task: int, server_round: int, partition_id: int) -> int:
@@ -25,7 +25,8 @@ def run_local_round(
 ) -> tuple[TensorDict, int, float]:
     """Train on this client's share of ``request.task``; return (tensors, num_examples, loss).
 
-    A request with no train groups only asks for statistics (loss 0). The client keeps
+    A request with no train groups only asks for statistics (loss 0); one with ``evaluate``
+    asks for per-task correct and total counts on this client's test shard. The client keeps
     nothing between calls that a restart would lose: data, split and partition follow
     from the config, the model state and any change of the frozen ``W0`` arrive with the
     request.
@@ -39,6 +40,12 @@ def run_local_round(
     model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
     set_trainable_state(model, request.state)
     set_base_deltas(model, unpack_base(request.base))
+    device = resolve_device(cfg.device)
+    if request.extra.get("evaluate"):
+        shard = experiment.test_shard(partition_id, num_partitions)
+        correct, counts = correct_per_task(model, experiment, request.task, cfg.eval_batch_size, device, among=shard)
+        tensors = {f"eval.{k}": torch.tensor(v, dtype=torch.float64) for k, v in (("correct", correct), ("count", counts))}
+        return tensors, len(shard), 0.0
     indices = experiment.client_indices(request.task, partition_id)
     settings = TrainSettings(
         epochs=cfg.local_epochs,
@@ -58,7 +65,7 @@ def run_local_round(
             experiment.split.task_classes(request.task),
             list(request.train_groups),
             settings,
-            resolve_device(cfg.device),
+            device,
         )
     return reply_tensors(cfg, model, request, experiment, indices), len(indices), loss
 

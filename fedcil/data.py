@@ -46,6 +46,37 @@ class ArrayDataset(Dataset):
 
 
 @dataclass(frozen=True)
+class DataShape:
+    """What a model needs to know of a data set: classes, channels, image side."""
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+
+FIXED_SHAPES = {
+    "digits": DataShape(10, 1, 8),
+    "fashion_mnist": DataShape(10, 1, 28),
+    "cifar100": DataShape(100, 3, 32),
+}
+
+
+def declared_shape(cfg: DictConfig) -> DataShape:
+    """The shape of the data set ``cfg`` names, without loading it (a server that holds no data).
+
+    Fixed for the built-in arrays; for image folders ``num_classes`` must be set in the config.
+    """
+    if cfg.name in FIXED_SHAPES:
+        return FIXED_SHAPES[cfg.name]
+    if OmegaConf.select(cfg, "num_classes") is None:
+        raise ConfigError(
+            f"dataset.num_classes is null for dataset={cfg.name}: a server that loads no data "
+            "(evaluation=clients) needs it set, e.g. dataset.num_classes=200"
+        )
+    return DataShape(int(cfg.num_classes), 3, int(cfg.image_size))
+
+
+@dataclass(frozen=True)
 class ImageData:
     """A data set's train and test splits with their labels and image geometry."""
 
@@ -104,9 +135,7 @@ def load_digits(cfg: DictConfig) -> ImageData:
         test=ArrayDataset(images[test_idx], labels[test_idx], 1 / 16),
         train_labels=labels[train_idx],
         test_labels=labels[test_idx],
-        num_classes=10,
-        in_chans=1,
-        image_size=8,
+        **vars(FIXED_SHAPES["digits"]),
     )
 
 
@@ -177,9 +206,7 @@ def load_fashion_mnist(cfg: DictConfig) -> ImageData:
         test=ArrayDataset(torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1), test_labels, 1 / 255),
         train_labels=train_labels,
         test_labels=test_labels,
-        num_classes=10,
-        in_chans=1,
-        image_size=28,
+        **vars(FIXED_SHAPES["fashion_mnist"]),
     )
 
 
@@ -201,9 +228,7 @@ def load_cifar100(cfg: DictConfig) -> ImageData:
         test=ArrayDataset(images[1], labels[1], 1 / 255),
         train_labels=labels[0],
         test_labels=labels[1],
-        num_classes=100,
-        in_chans=3,
-        image_size=32,
+        **vars(FIXED_SHAPES["cifar100"]),
     )
 
 
@@ -265,5 +290,12 @@ def _load_cached(key: str) -> ImageData:
 
 
 def load_dataset(cfg: DictConfig) -> ImageData:
-    """Load the data set described by ``cfg`` (the ``dataset`` group), cached per process."""
-    return _load_cached(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True))
+    """Load the data set described by ``cfg`` (the ``dataset`` group), cached per process.
+
+    A ``num_classes`` set in the config must match the data found.
+    """
+    data = _load_cached(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True))
+    declared = OmegaConf.select(cfg, "num_classes")
+    if declared is not None and int(declared) != data.num_classes:
+        raise ConfigError(f"dataset.num_classes={declared} but {cfg.root} holds {data.num_classes} classes")
+    return data

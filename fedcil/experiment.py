@@ -64,6 +64,11 @@ class Experiment:
         """Test-set indices of task ``task``'s classes."""
         return np.flatnonzero(self.split.task_of(self.test_labels) == task)
 
+    def test_shard(self, partition_id: int, num_partitions: int) -> np.ndarray:
+        """Client ``partition_id``'s own share of the test set (a seeded split into disjoint shards)."""
+        order = np.random.default_rng(self.cfg.seed).permutation(len(self.test_labels))
+        return np.sort(np.array_split(order, num_partitions)[partition_id])
+
 
 def cap_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
     """Labels with all but a seeded ``cap`` samples of each class set to -1 (left out)."""

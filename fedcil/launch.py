@@ -33,13 +33,12 @@ import psutil
 import tomli_w
 from omegaconf import DictConfig
 
-from fedcil.config import compose_config, override_values, quote_value
-from fedcil.errors import ConfigError, choices_error
+from fedcil.config import check_choices, compose_config, override_values, quote_value
+from fedcil.errors import ConfigError
 from fedcil.results import default_output_dir
 
 APP_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 39091
-BACKENDS = ("flower", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,7 @@ def launch(
 ) -> Path:
     """Run one experiment; return its output directory. Raises on a failed run."""
     cfg = compose_config(config_name, overrides)  # fails here, before Flower starts, on a bad name
-    if cfg.backend not in BACKENDS:
-        raise choices_error("backend", cfg.backend, list(BACKENDS))
+    check_choices(cfg)
     values = override_values(overrides)
     given = values.get("output_dir") or values.get("resume")
     out = Path(str(given)).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())

@@ -88,6 +88,32 @@ def predict(
     return torch.cat(preds).numpy(), torch.cat(raw).numpy()
 
 
+def correct_per_task(
+    model: FCILModel, experiment, task: int, batch_size: int, device: torch.device, among: np.ndarray | None = None
+) -> tuple[list[int], list[int]]:
+    """Per task ``0..task``: test samples predicted right, and test samples, over all seen classes.
+
+    ``among`` restricts the test set to those indices (a client's own test shard).
+    """
+    indices = np.concatenate([experiment.test_indices(i) for i in range(task + 1)])
+    if among is not None:
+        indices = np.intersect1d(indices, among)
+    preds, _ = predict(model, experiment.data.test, indices, experiment.split.num_seen(task), batch_size, device)
+    truth = experiment.test_labels[indices]
+    owner = experiment.split.task_of(truth)
+    correct, counts = [], []
+    for i in range(task + 1):
+        mask = owner == i
+        counts.append(int(mask.sum()))
+        correct.append(int((preds[mask] == truth[mask]).sum()))
+    return correct, counts
+
+
+def accuracies(correct: list[int], counts: list[int]) -> list[float]:
+    """Per-task accuracy in percent (NaN for a task without test samples)."""
+    return [float(100.0 * (c / n)) if n else float("nan") for c, n in zip(correct, counts)]
+
+
 def evaluate_seen_tasks(
     model: FCILModel, experiment, task: int, batch_size: int, device: torch.device
 ) -> tuple[list[float], list[int]]:
@@ -95,13 +121,5 @@ def evaluate_seen_tasks(
 
     Returns the per-task accuracies and the per-task test-sample counts.
     """
-    indices = np.concatenate([experiment.test_indices(i) for i in range(task + 1)])
-    preds, _ = predict(model, experiment.data.test, indices, experiment.split.num_seen(task), batch_size, device)
-    truth = experiment.test_labels[indices]
-    owner = experiment.split.task_of(truth)
-    accuracies, counts = [], []
-    for i in range(task + 1):
-        mask = owner == i
-        counts.append(int(mask.sum()))
-        accuracies.append(float(100.0 * (preds[mask] == truth[mask]).mean()) if mask.any() else float("nan"))
-    return accuracies, counts
+    correct, counts = correct_per_task(model, experiment, task, batch_size, device)
+    return accuracies(correct, counts), counts

@@ -55,9 +55,11 @@ def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Genera
     return sorted(node_ids[int(i)] for i in picks)
 
 
-def exchange(grid: Grid, content: RecordDict, node_ids: list[int], timeout: float | None) -> RoundExchange:
-    """Send one training request to each node and collect the valid replies."""
-    messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+def exchange(
+    grid: Grid, content: RecordDict, node_ids: list[int], timeout: float | None, kind: str = MessageType.TRAIN
+) -> RoundExchange:
+    """Send one request (a ``kind`` message: train or evaluate) to each node and collect the valid replies."""
+    messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in node_ids]
     result = RoundExchange(updates=[], bytes_up=0, bytes_down=sum(message_bytes(m) for m in messages), sampled=node_ids)
     replied = set()
     replies = list(grid.send_and_receive(messages, timeout=timeout))

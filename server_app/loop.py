@@ -4,40 +4,76 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
+from flwr.app import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcil.config import to_container
-from fedcil.experiment import Experiment, experiment_for
+from fedcil.config import check_choices, to_container
+from fedcil.data import declared_shape
+from fedcil.experiment import experiment_for
 from fedcil.metrics import summary
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
 from fedcil.protocol import RoundPlan, canonical_order, encode_request
 from fedcil.results import build_results, format_accuracy_table, resolve_output_dir, write_results
-from fedcil.training import evaluate_seen_tasks
+from fedcil.tasks import make_task_split
+from fedcil.training import accuracies, evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
 from strategies import FederatedStrategy, build_strategy
 
 
-class Evaluator:
-    """Server-side evaluation of a trainable state on the test classes seen so far."""
+@dataclass
+class Evaluation:
+    """Per-task accuracy (percent) and test-sample counts, and the bytes evaluating cost."""
 
-    def __init__(self, cfg: DictConfig, experiment: Experiment) -> None:
-        data = experiment.data
+    accuracies: list[float]
+    counts: list[int]
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class ServerEvaluator:
+    """``evaluation: server``: the server evaluates on its own copy of the test set."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.experiment = experiment_for(cfg)
+        data = self.experiment.data
         self.model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
-        self.experiment = experiment
+        self.num_tasks = self.experiment.num_tasks
         self.batch_size = cfg.eval_batch_size
         self.device = resolve_device(cfg.device)
 
-    def __call__(self, strategy: FederatedStrategy, task: int) -> tuple[list[float], list[int]]:
+    def __call__(self, strategy: FederatedStrategy, task: int, server_round: int) -> Evaluation:
         set_trainable_state(self.model, strategy.evaluation_state())
         set_base_deltas(self.model, strategy.base_deltas())
-        return evaluate_seen_tasks(self.model, self.experiment, task, self.batch_size, self.device)
+        return Evaluation(*evaluate_seen_tasks(self.model, self.experiment, task, self.batch_size, self.device))
+
+
+class ClientEvaluator:
+    """``evaluation: clients``: every node evaluates on its own test shard; the server sums the counts.
+
+    The shards split the test set without overlap, so the sums are the counts over the
+    whole test set. The server loads no data: the model's shape comes from the config.
+    """
+
+    def __init__(self, cfg: DictConfig, send: Send, nodes: list[int]) -> None:
+        shape = declared_shape(cfg.dataset)
+        self.model = model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size)
+        self.num_tasks = make_task_split(shape.num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed).num_tasks
+        self.send, self.nodes = send, nodes
+
+    def __call__(self, strategy: FederatedStrategy, task: int, server_round: int) -> Evaluation:
+        result = self.send(strategy.evaluation_plan(), task, server_round, self.nodes)
+        correct = sum(u.tensors["eval.correct"] for u in result.updates)
+        counts = sum(u.tensors["eval.count"] for u in result.updates)
+        correct, counts = [int(c) for c in correct.tolist()], [int(n) for n in counts.tolist()]
+        return Evaluation(accuracies(correct, counts), counts, result.bytes_up, result.bytes_down)
 
 
 Send = Callable[[RoundPlan, int, int, list[int]], RoundExchange]
@@ -71,7 +107,8 @@ def flower_sender(grid: Grid, round_timeout: float | None, min_replies: int) -> 
     """A :data:`Send` over Flower messages on ``grid``; fewer than ``min_replies`` valid replies stop the run."""
 
     def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
-        result = exchange(grid, encode_request(plan, task, server_round), nodes, round_timeout)
+        kind = MessageType.EVALUATE if plan.extra.get("evaluate") else MessageType.TRAIN
+        result = exchange(grid, encode_request(plan, task, server_round), nodes, round_timeout, kind)
         needed = min(min_replies, len(nodes))
         if len(result.updates) < needed:
             raise RuntimeError(
@@ -111,12 +148,12 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
     every round; with ``resume=<dir>`` the run goes on from the checkpoint there.
     """
     started, started_at = started or time.monotonic(), time.time()
+    check_choices(cfg)
     output_dir = resolve_output_dir(cfg)
-    experiment = experiment_for(cfg)
-    evaluator = Evaluator(cfg, experiment)
+    evaluator = ClientEvaluator(cfg, send, nodes) if cfg.evaluation == "clients" else ServerEvaluator(cfg)
     strategy = build_strategy(cfg, evaluator.model.initial_state)
     rng = np.random.default_rng(cfg.seed)
-    num_tasks, rounds_per_task = experiment.num_tasks, cfg.rounds_per_task
+    num_tasks, rounds_per_task = evaluator.num_tasks, cfg.rounds_per_task
     accuracy_matrix: list[list[float | None]] = []
     rounds: list[dict] = []
     counts: list[int] = []
@@ -142,8 +179,11 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
             last = server_round == rounds_per_task - 1
             accuracy = None
             if cfg.eval_every_round or last:
-                per_task, counts = evaluator(strategy, task)
+                evaluation = evaluator(strategy, task, server_round)
+                per_task, counts = evaluation.accuracies, evaluation.counts
                 accuracy = float(np.average(per_task, weights=counts))
+                result.bytes_up += evaluation.bytes_up
+                result.bytes_down += evaluation.bytes_down
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
             rounds.append(round_record(task, server_round, result, accuracy, time.monotonic() - round_start))

@@ -51,6 +51,11 @@ class FederatedStrategy(ABC):
         """Per adapted layer, what the evaluated model adds to the frozen ``W0`` (none by default)."""
         return {}
 
+    def evaluation_plan(self) -> RoundPlan:
+        """The request asking clients to evaluate the evaluated model on their test shards."""
+        base = {f"{layer}.delta": delta for layer, delta in self.base_deltas().items()}
+        return RoundPlan(state=self.evaluation_state(), train_groups=(), extra={"evaluate": True}, base=base)
+
     def checkpoint(self) -> tuple[TensorDict, dict]:
         """Everything needed to go on after a restart: named tensors and JSON-able values.
 

@@ -16,6 +16,7 @@ from fedcil.launch import APP_DIR, launch, listening_process
 pytestmark = pytest.mark.e2e
 
 DEPLOY = APP_DIR / "scripts" / "deploy_local.sh"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
 TINY = ["num_tasks=2", "rounds_per_task=2", "num_clients=3", "local_epochs=3", "partition=iid"]
 
 
@@ -63,6 +64,23 @@ def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):
     rounds = json.loads((work / "results" / "results.json").read_text())["rounds"]
     assert rounds[0]["clients"] == 3 and not rounds[0]["missing"]
     assert rounds[1]["clients"] == 2 and len(rounds[1]["missing"]) == 1
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_a_server_without_data_evaluates_on_the_supernodes(tmp_path):
+    """evaluation=clients: the server's dataset root does not exist; each SuperNode reads its data-dir."""
+    work = tmp_path / "deploy"
+    run = ["dataset=fashion_mnist", "train_per_class=100", "test_per_class=60", "num_tasks=2", "rounds_per_task=1",
+           "num_clients=3", "local_epochs=1", "partition=iid"]
+    out = subprocess.run(
+        ["bash", str(DEPLOY), "-n", "3", "-w", str(work), "-d", str(FMNIST), *run, "evaluation=clients",
+         "dataset.root=/nonexistent"], capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    deployed = json.loads((work / "results" / "results.json").read_text())
+    local = json.loads((launch("config", [*run, "backend=inprocess", f"output_dir={tmp_path / 'local'}"]) / "results.json").read_text())
+    assert deployed["config"]["dataset"]["root"] == "/nonexistent"
+    assert deployed["accuracy_matrix"] == local["accuracy_matrix"]
 
 
 def test_bad_node_count_is_refused_before_anything_starts(tmp_path):

@@ -48,15 +48,15 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint, tensors: TensorDict) -
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    previous = read_state(folder).get("tensors_file") if (folder / STATE_FILE).is_file() else None
     name = f"checkpoint-{len(checkpoint.rounds)}.safetensors"
     tmp = folder / f".{name}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.replace(folder / name)
     checkpoint.tensors_file = name
     write_atomic(folder / STATE_FILE, json.dumps(asdict(checkpoint)))
-    if previous and previous != name:
-        (folder / previous).unlink(missing_ok=True)
+    for old in folder.glob("checkpoint-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def read_state(folder: Path) -> dict:

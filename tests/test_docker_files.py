@@ -13,17 +13,26 @@ import yaml
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 BIN = Path(sys.executable).parent
-COMPOSE_FILES = ["compose.yml", "compose.tls.yml"]
+COMPOSE_FILES = ["compose.yml", "compose.bridge.yml", "compose.host.yml", "compose.tls.yml", "compose.auth.yml"]
 
 
-def commands() -> list[tuple[str, str, list[str]]]:
-    """(file, service, command) for every service command in the compose files."""
+def load(name: str) -> dict:
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def service_arguments() -> list[tuple[str, str, str, list[str]]]:
+    """(file, service, program, arguments) for every service in the compose files.
+
+    A service's program is its entrypoint's first word (from the base file when an
+    overlay leaves the entrypoint alone); its arguments the rest of the entrypoint and the command.
+    """
+    base = load("compose.yml")["services"]
     found = []
     for name in COMPOSE_FILES:
-        spec = yaml.safe_load((DOCKER / name).read_text())
-        for service, body in spec["services"].items():
-            if "command" in body:
-                found.append((name, service, body["command"]))
+        for service, body in load(name)["services"].items():
+            entrypoint = body.get("entrypoint") or base[service]["entrypoint"]
+            arguments = (body.get("entrypoint") or [])[1:] + body.get("command", [])
+            found.append((name, service, entrypoint[0], arguments))
     return found
 
 
@@ -32,19 +41,38 @@ def help_flags(program: str) -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout + out.stderr))
 
 
-def test_compose_files_parse_and_the_overlay_only_names_base_services():
-    base = yaml.safe_load((DOCKER / "compose.yml").read_text())
-    tls = yaml.safe_load((DOCKER / "compose.tls.yml").read_text())
-    assert {"superlink", "serverapp", "supernode-0", "clientapp-0", "supernode-1", "clientapp-1"} <= set(base["services"])
-    assert set(tls["services"]) <= set(base["services"])
-    for service in tls["services"].values():
-        assert "--insecure" not in service["command"]
+def test_compose_files_parse_and_the_overlays_only_name_base_services():
+    base = load("compose.yml")["services"]
+    assert {"superlink", "serverapp", "supernode-0", "clientapp-0", "supernode-1", "clientapp-1"} <= set(base)
+    for name in COMPOSE_FILES[1:]:
+        assert set(load(name)["services"]) <= set(base), name
+
+
+def test_tls_and_auth_overlays_secure_every_connection_to_the_superlink():
+    dialers = {"superlink", "serverapp", "supernode-0", "supernode-1"}
+    for name in ("compose.tls.yml", "compose.auth.yml"):
+        services = load(name)["services"]
+        assert all("--insecure" not in body["entrypoint"] for body in services.values()), name
+    assert set(load("compose.tls.yml")["services"]) == dialers
+    auth = load("compose.auth.yml")["services"]
+    assert "--enable-supernode-auth" in auth["superlink"]["entrypoint"]
+    for node in ("supernode-0", "supernode-1"):
+        assert any(a.startswith("--auth-supernode-private-key=") for a in auth[node]["entrypoint"])
+
+
+def test_host_overlay_puts_every_service_on_the_host_network_and_publishes_nothing():
+    host = load("compose.host.yml")["services"]
+    assert set(host) == set(load("compose.yml")["services"])
+    assert all(body["network_mode"] == "host" for body in host.values())
+    assert all("ports" not in body for body in load("compose.yml")["services"].values())
+    assert "ports" in load("compose.bridge.yml")["services"]["superlink"]
 
 
 @pytest.mark.parametrize("program", ["flower-superlink", "flower-supernode", "flower-superexec"])
 def test_every_flag_is_accepted_by_the_installed_flower(program):
     known = help_flags(program)
-    used = [(f, s, arg.split("=")[0]) for f, s, cmd in commands() if cmd[0] == program for arg in cmd[1:] if arg.startswith("--")]
+    used = [(f, s, arg.split("=")[0]) for f, s, prog, args in service_arguments() if prog == program
+            for arg in args if arg.startswith("--")]
     assert used, f"no {program} command in the compose files"
     assert [u for u in used if u[2] not in known] == []
 

@@ -33,9 +33,10 @@ import psutil
 import tomli_w
 from omegaconf import DictConfig
 
-from fedcil.config import check_choices, compose_config, override_values, quote_value
+from fedcil.config import compose_config, override_values, quote_value
 from fedcil.errors import ConfigError
 from fedcil.results import default_output_dir
+from fedcil.settings import check_settings
 
 APP_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 39091
@@ -57,9 +58,14 @@ class FlowerSite:
     @classmethod
     def isolated(cls, home: Path) -> FlowerSite:
         """A private site: its own home and a free port (parallel runs do not meet)."""
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return cls(home.resolve(), sock.getsockname()[1])
+        return cls(home.resolve(), free_port())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def superlink_running(port: int) -> bool:
@@ -141,11 +147,12 @@ def with_pretrained_path(cfg: DictConfig, overrides: list[str]) -> list[str]:
 
 
 def launch(
-    config_name: str, overrides: list[str], keep_superlink: bool = False, site: FlowerSite | None = None
+    config_name: str, overrides: list[str], keep_superlink: bool = False, site: FlowerSite | None = None,
+    app_dir: Path = APP_DIR,
 ) -> Path:
-    """Run one experiment; return its output directory. Raises on a failed run."""
+    """Run one experiment (of the Flower app in ``app_dir``); return its output directory. Raises on a failed run."""
     cfg = compose_config(config_name, overrides)  # fails here, before Flower starts, on a bad name
-    check_choices(cfg)
+    check_settings(cfg)
     values = override_values(overrides)
     given = values.get("output_dir") or values.get("resume")
     out = Path(str(given)).expanduser().resolve() if given else default_output_dir(cfg, Path.cwd())
@@ -171,7 +178,7 @@ def launch(
     run_config = site.home / f"run-config-{os.getpid()}.toml"
     run_config.write_text(tomli_w.dumps({"config-name": config_name, "overrides": shlex.join(overrides)}))
     command = [
-        "flwr", "run", str(APP_DIR), "--stream",
+        "flwr", "run", str(app_dir), "--stream",
         "--federation-config", federation_config(cfg),
         "--run-config", str(run_config),
     ]

@@ -2,25 +2,28 @@
 # A real Flower deployment on this machine, step by step, without Docker: a SuperLink with
 # TLS and a state database, N SuperNodes (each with its own partition, and optionally its
 # own data directory), `flwr run` submitted to it over TLS, the run's status checked, and
-# every process stopped at the end, also on failure or Ctrl-C.
+# every process stopped at the end, also on failure or Ctrl-C. With -a, SuperNode
+# authentication: each SuperNode gets an EC key pair, and the SuperLink admits only the
+# public keys registered with `flwr supernode register`.
 #
-#   bash scripts/deploy_local.sh [-n NODES] [-w WORKDIR] [-d DATA_DIR] [OVERRIDE ...]
-#   bash scripts/deploy_local.sh -n 3 num_clients=3 dataset=fashion_mnist
+#   bash scripts/deploy_local.sh [-n NODES] [-w WORKDIR] [-d DATA_DIR] [-a] [OVERRIDE ...]
+#   bash scripts/deploy_local.sh -n 3 -a num_clients=3 dataset=fashion_mnist
 #
-# WORKDIR (default: a new folder under /tmp) receives certs/, the SuperLink's state.db, one
+# WORKDIR (default: a new folder under /tmp) receives certs/, keys/ (-a), the SuperLink's state.db, one
 # log per process, pids, and results/ (unless an override sets output_dir). num_clients
 # must equal NODES. On real machines run the same commands on each host, with the
 # SuperLink's address in place of 127.0.0.1 and that address in the certificate
 # (docker/certs.sh DIR IP:...). Exit code: 0 when the run finished completed.
 set -euo pipefail
 APP=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; }
-nodes=3 work="" data_dir=""
-while getopts "n:w:d:h" opt; do
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+nodes=3 work="" data_dir="" auth=""
+while getopts "n:w:d:ah" opt; do
   case $opt in
     n) nodes=$OPTARG ;;
     w) work=$OPTARG ;;
     d) data_dir=$(realpath -m "$OPTARG") ;;
+    a) auth=1 ;;
     *) usage; exit 2 ;;
   esac
 done
@@ -70,7 +73,7 @@ echo "superlink-port $port" >> "$work/ports"
 start superlink flower-superlink \
   --ssl-ca-certfile "$work/certs/ca.crt" --ssl-certfile "$work/certs/server.pem" --ssl-keyfile "$work/certs/server.key" \
   --database "$work/state.db" --host 127.0.0.1 --port "$port" --isolation subprocess \
-  --disable-runtime-dependency-installation
+  --disable-runtime-dependency-installation ${auth:+--enable-supernode-auth}
 for _ in $(seq 120); do
   "$PY" -c "import httpx, sys; httpx.get('https://127.0.0.1:$port/health', verify='$work/certs/ca.crt', timeout=1).raise_for_status()" \
     2>/dev/null && break
@@ -78,16 +81,7 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 
-echo "== 3. $nodes SuperNodes over TLS, each with its partition${data_dir:+ and data dir $data_dir}"
-for ((i = 0; i < nodes; i++)); do
-  node_port=$(free_port)
-  echo "supernode-$i-port $node_port" >> "$work/ports"
-  start "supernode-$i" flower-supernode \
-    --root-certificates "$work/certs/ca.crt" --superlink "127.0.0.1:$port" --port "$node_port" \
-    --node-config "partition-id=$i num-partitions=$nodes${data_dir:+ data-dir=\"$data_dir\"}"
-done
-
-echo "== 4. flwr run over TLS"
+# flwr's connection to this SuperLink (to register keys and to submit the run).
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<EOF
 [superlink]
@@ -97,6 +91,28 @@ default = "deployment"
 address = "127.0.0.1:$port"
 root-certificates = "$work/certs/ca.crt"
 EOF
+
+if [ -n "$auth" ]; then
+  echo "== 3. SuperNode authentication: a key pair per SuperNode, public keys registered"
+  mkdir -p "$work/keys"
+  for ((i = 0; i < nodes; i++)); do
+    key="$work/keys/supernode-$i"
+    [ -e "$key" ] || ssh-keygen -q -t ecdsa -b 384 -N "" -C "" -f "$key"
+    (cd "$work" && flwr supernode register "$key.pub" deployment --format json) > "$work/register-$i.json"
+  done
+fi
+
+echo "== 4. $nodes SuperNodes over TLS, each with its partition${data_dir:+ and data dir $data_dir}"
+for ((i = 0; i < nodes; i++)); do
+  node_port=$(free_port)
+  echo "supernode-$i-port $node_port" >> "$work/ports"
+  start "supernode-$i" flower-supernode \
+    --root-certificates "$work/certs/ca.crt" --superlink "127.0.0.1:$port" --port "$node_port" \
+    --node-config "partition-id=$i num-partitions=$nodes${data_dir:+ data-dir=\"$data_dir\"}" \
+    ${auth:+--auth-supernode-private-key "$work/keys/supernode-$i"}
+done
+
+echo "== 5. flwr run over TLS"
 overrides=("$@")
 printf '%s\n' "${overrides[@]}" | grep -q '^output_dir=' || overrides+=("output_dir=$work/results")
 "$PY" -c 'import shlex, sys, tomli_w; print(tomli_w.dumps({"config-name": "config", "overrides": shlex.join(sys.argv[1:])}))' \
@@ -105,7 +121,7 @@ printf '%s\n' "${overrides[@]}" | grep -q '^output_dir=' || overrides+=("output_
 run_id=$(grep -oE 'Successfully started run [0-9]+' "$work/flwr-run.log" | grep -oE '[0-9]+$' || true)
 [ -n "$run_id" ] || { echo "deploy_local.sh: flwr run did not start a run" >&2; exit 1; }
 
-echo "== 5. the run's final status"
+echo "== 6. the run's final status"
 status=$(cd "$work" && flwr list --run-id "$run_id" --format json | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
 echo "run $run_id: $status"
 [ "$status" = "finished:completed" ] || exit 1

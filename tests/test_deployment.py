@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -11,7 +16,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client_app.app import node_overrides
-from fedcil.launch import APP_DIR, launch, listening_process
+from fedcil.launch import APP_DIR, free_port, launch, listening_process
 
 pytestmark = pytest.mark.e2e
 
@@ -20,10 +25,10 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 TINY = ["num_tasks=2", "rounds_per_task=2", "num_clients=3", "local_epochs=3", "partition=iid"]
 
 
-def test_tls_deployment_completes_matches_the_loop_and_leaves_no_process(tmp_path):
+def test_tls_deployment_with_supernode_auth_completes_matches_the_loop_and_leaves_no_process(tmp_path):
     work = tmp_path / "deploy"
     out = subprocess.run(
-        ["bash", str(DEPLOY), "-n", "3", "-w", str(work), *TINY], capture_output=True, text=True, timeout=900
+        ["bash", str(DEPLOY), "-n", "3", "-a", "-w", str(work), *TINY], capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "finished:completed" in out.stdout
@@ -34,6 +39,7 @@ def test_tls_deployment_completes_matches_the_loop_and_leaves_no_process(tmp_pat
     assert results["accuracy_matrix"] == local["accuracy_matrix"]
 
     assert "Uvicorn running on https://127.0.0.1" in (work / "superlink.log").read_text()  # TLS on
+    assert all(json.loads((work / f"register-{i}.json").read_text())["success"] for i in range(3))
     assert (work / "state.db").stat().st_size > 0
     pids = [int(line.split()[1]) for line in (work / "pids").read_text().splitlines()]
     ports = [int(line.split()[1]) for line in (work / "ports").read_text().splitlines()]
@@ -95,3 +101,40 @@ def test_a_supernode_data_dir_becomes_its_dataset_root():
         state=RecordDict(), run_config={"config-name": "config", "overrides": "dataset=fashion_mnist seed=3"},
     )
     assert node_overrides(context) == ["dataset=fashion_mnist", "seed=3", "dataset.root='/data/node 0'"]
+
+
+def test_a_supernode_with_an_unregistered_key_is_refused(tmp_path):
+    """--enable-supernode-auth: a SuperNode whose public key was never registered cannot join."""
+    certs, key, log = tmp_path / "certs", tmp_path / "rogue", tmp_path / "rogue.log"
+    subprocess.run(["bash", str(APP_DIR / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(key)], check=True)
+    port, node_port = free_port(), free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0"}  # they start flower-superexec
+    # Each in its own process group: both start a flower-superexec, stopped with them.
+    link = subprocess.Popen(
+        [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+         "--ssl-keyfile", str(certs / "server.key"), "--database", ":memory:", "--host", "127.0.0.1", "--port", str(port),
+         "--enable-supernode-auth"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    rogue = None
+    try:
+        deadline = time.monotonic() + 60
+        while listening_process(port) is None and time.monotonic() < deadline:
+            assert link.poll() is None, "the SuperLink exited"
+            time.sleep(0.5)
+        with log.open("w") as out:
+            rogue = subprocess.Popen(
+                [str(bin_dir / "flower-supernode"), "--root-certificates", str(certs / "ca.crt"), "--superlink", f"127.0.0.1:{port}",
+                 "--port", str(node_port), "--auth-supernode-private-key", str(key)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+            code = rogue.wait(timeout=60)
+    finally:
+        for proc in (rogue, link):
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert code != 0
+    assert "Failed to activate SuperNode" in log.read_text()

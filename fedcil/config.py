@@ -21,7 +21,6 @@ from omegaconf.errors import OmegaConfBaseException
 from fedcil.errors import ConfigError, choices_error
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-CHOICES = {"backend": ("flower", "inprocess"), "evaluation": ("server", "clients")}
 
 
 def parse_overrides(overrides: str | Sequence[str]) -> list[str]:
@@ -116,10 +115,3 @@ def compose_config(config_name: str = "config", overrides: str | Sequence[str] =
 def to_container(cfg: DictConfig) -> dict:
     """The resolved config as plain Python containers (for results files)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def check_choices(cfg: DictConfig) -> None:
-    """One-line error for a setting outside its fixed choices (``backend``, ``evaluation``)."""
-    for key, valid in CHOICES.items():
-        if cfg[key] not in valid:
-            raise choices_error(key, cfg[key], list(valid))

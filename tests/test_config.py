@@ -6,6 +6,7 @@ import pytest
 
 from fedcil.config import compose_config, config_groups, group_options
 from fedcil.errors import ConfigError
+from fedcil.settings import check_settings
 
 
 def test_quickstart_defaults(cfg):
@@ -59,4 +60,43 @@ def test_unknown_backend_fails_before_anything_runs(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown backend 'ray'; valid choices: flower, inprocess"):
         launch("config", ["backend=ray", f"output_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("partition.beta=0", "partition.beta=0 is out of range; allowed: a number > 0"),
+        ("lora.rank=0", "lora.rank=0 is out of range; allowed: an integer >= 1"),
+        ("rounds_per_task=0", "rounds_per_task=0 is out of range; allowed: an integer >= 1"),
+        ("fraction_train=0", "fraction_train=0 is out of range; allowed: a number > 0 and <= 1"),
+        ("fraction_train=1.5", "fraction_train=1.5 is out of range; allowed: a number > 0 and <= 1"),
+        ("lr=-0.1", "lr=-0.1 is out of range; allowed: a number > 0"),
+        ("batch_size=2.5", "batch_size=2.5 is out of range; allowed: an integer >= 1"),
+        ("num_clients=true", "num_clients=True is out of range; allowed: an integer >= 1"),
+        ("round_timeout=0", "round_timeout=0 is out of range; allowed: a number > 0 or null"),
+        ("replies.max_norm=nan", "replies.max_norm=nan is out of range; allowed: a number > 0"),
+        ("min_replies=6", "min_replies=6 exceeds num_clients=5; allowed: 1..5"),
+        ("num_tasks=11", "num_tasks=11 x classes_per_task=0 does not fit 10 classes"),
+        ("classes_per_task=3", "num_tasks=5 x classes_per_task=3 does not fit 10 classes"),
+        ("method=lorm method.gram_alpha=1.5", "method.gram_alpha=1.5 is out of range; allowed: a number >= 0 and <= 1"),
+        ("method=lorm replies.clip_norm=1", "lorm sends Gram summaries: set replies.clip_norm=null"),
+    ],
+)
+def test_every_numeric_setting_is_range_checked_with_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_settings(compose_config("config", override.split()))
+    assert str(err.value).endswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("preset", [None, *group_options("experiment")])
+@pytest.mark.parametrize("method", group_options("method"))
+def test_every_shipped_preset_and_method_passes_the_checks(preset, method):
+    check_settings(compose_config("config", [f"method={method}", *([f"experiment={preset}"] if preset else [])]))
+
+
+def test_a_bad_range_stops_fcil_run_before_anything_is_written(tmp_path):
+    from fedcil.launch import main
+
+    assert main(["lora.rank=0", f"output_dir={tmp_path / 'out'}"]) == 2
     assert not (tmp_path / "out").exists()

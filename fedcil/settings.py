@@ -1,0 +1,124 @@
+"""Every setting checked once, before anything starts: choices, numeric ranges, the task split.
+
+A bad value fails with one line naming the key, the value and what is allowed. Keys a
+config does not have (``partition.beta`` with ``partition=iid``, ``method.ridge`` for
+methods other than LoRM) are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedcil.data import declared_shape
+from fedcil.errors import ConfigError, choices_error
+from fedcil.tasks import make_task_split
+
+CHOICES = {"backend": ("flower", "inprocess"), "evaluation": ("server", "clients")}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric setting: a type, bounds (open or closed) and null or not."""
+
+    kind: type = float
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+
+    def allows(self, value: object) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        bounds = []
+        if self.low > -math.inf:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high < math.inf:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        text = f"{'an integer' if self.kind is int else 'a number'} {' and '.join(bounds)}".strip()
+        return f"{text} or null" if self.nullable else text
+
+
+def at_least(low: float, kind: type = int, nullable: bool = False) -> Range:
+    return Range(kind, low=low, nullable=nullable)
+
+
+def positive(kind: type = float, nullable: bool = False) -> Range:
+    return Range(kind, low=0, low_open=True, nullable=nullable)
+
+
+FRACTION = Range(float, low=0, high=1, low_open=True)  # (0, 1]
+UNIT = Range(float, low=0, high=1)  # [0, 1]
+
+RANGES: dict[str, Range] = {
+    "seed": at_least(0),
+    "num_clients": at_least(1),
+    "num_tasks": at_least(1),
+    "classes_per_task": at_least(1, nullable=True),
+    "train_per_class": at_least(1, nullable=True),
+    "test_per_class": at_least(1, nullable=True),
+    "rounds_per_task": at_least(1),
+    "local_epochs": at_least(1),
+    "batch_size": at_least(1),
+    "eval_batch_size": at_least(1),
+    "lr": positive(),
+    "momentum": Range(float, low=0, high=1, high_open=True),
+    "fraction_train": FRACTION,
+    "client_resources.num_cpus": positive(),
+    "client_resources.num_gpus": at_least(0, float),
+    "node_wait_seconds": positive(),
+    "round_timeout": positive(nullable=True),
+    "min_replies": at_least(1),
+    "replies.max_examples": at_least(1),
+    "replies.max_norm": positive(),
+    "replies.clip_norm": positive(nullable=True),
+    "lora.rank": at_least(1),
+    "lora.alpha": positive(),
+    "lora.dropout": Range(float, low=0, high=1, high_open=True),
+    "partition.beta": positive(),
+    "partition.alpha": at_least(1),
+    "partition.min_samples": at_least(0),
+    "method.gram_alpha": UNIT,
+    "method.head_gram_alpha": UNIT,
+    "method.ridge": at_least(0, float),
+    "dataset.test_fraction": Range(float, low=0, high=1, low_open=True, high_open=True),
+    "pretrain.epochs": at_least(1),
+    "pretrain.batch_size": at_least(2),
+    "pretrain.lr": positive(),
+    "pretrain.temperature": positive(),
+}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Raise a one-line :class:`ConfigError` for the first setting outside its choices or range."""
+    for key, valid in CHOICES.items():
+        if cfg[key] not in valid:
+            raise choices_error(key, cfg[key], list(valid))
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and not allowed.allows(value):
+            raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed.describe()}")
+    if cfg.replies.clip_norm is not None and cfg.method.name == "lorm":
+        raise ConfigError("replies.clip_norm applies to methods whose clients send trained tensors; "
+                          "lorm sends Gram summaries: set replies.clip_norm=null")
+    if cfg.min_replies > cfg.num_clients:
+        raise ConfigError(f"min_replies={cfg.min_replies} exceeds num_clients={cfg.num_clients}; allowed: 1..{cfg.num_clients}")
+    try:
+        num_classes = declared_shape(cfg.dataset).num_classes
+    except ConfigError:  # an image folder whose class count is only known once loaded
+        return
+    make_task_split(num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed)

@@ -114,11 +114,14 @@ def encode_reply(tensors: TensorDict, num_examples: int, loss: float) -> RecordD
 
 
 def decode_reply(node_id: int, content: RecordDict) -> ClientUpdate:
-    """Parse a reply RecordDict (raises KeyError when a part is missing)."""
+    """Parse a reply RecordDict (raises when a part is missing; ``num-examples`` kept as sent).
+
+    Nothing here trusts the sender: :mod:`server_app.validation` checks the result.
+    """
     metrics = content.metric_records["metrics"]
     return ClientUpdate(
         node_id=node_id,
         tensors=content.array_records["update"].to_torch_state_dict(),
-        num_examples=int(metrics["num-examples"]),
+        num_examples=metrics["num-examples"],  # type: ignore[arg-type]  # checked by the validator
         loss=float(metrics["train-loss"]),
     )

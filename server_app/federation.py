@@ -14,18 +14,24 @@ from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
 from fedcil.errors import ConfigError
-from fedcil.protocol import ClientUpdate, decode_reply
+from fedcil.protocol import ClientUpdate
 
 
 @dataclass
 class RoundExchange:
-    """The outcome of one round's message exchange."""
+    """The outcome of one round's message exchange.
 
-    updates: list[ClientUpdate]
+    ``replies`` are the records as received; ``updates`` the valid ones, decoded, once
+    :func:`server_app.loop.screened` has checked them. ``failed`` says why each node that
+    was asked has no update.
+    """
+
+    replies: list[tuple[int, RecordDict]]
     bytes_up: int
     bytes_down: int
     sampled: list[int]
     failed: dict[int, str] = field(default_factory=dict)
+    updates: list[ClientUpdate] = field(default_factory=list)
 
 
 def message_bytes(message: Message) -> int:
@@ -58,9 +64,9 @@ def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Genera
 def exchange(
     grid: Grid, content: RecordDict, node_ids: list[int], timeout: float | None, kind: str = MessageType.TRAIN
 ) -> RoundExchange:
-    """Send one request (a ``kind`` message: train or evaluate) to each node and collect the valid replies."""
+    """Send one request (a ``kind`` message: train or evaluate) to each node and collect the replies."""
     messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in node_ids]
-    result = RoundExchange(updates=[], bytes_up=0, bytes_down=sum(message_bytes(m) for m in messages), sampled=node_ids)
+    result = RoundExchange(replies=[], bytes_up=0, bytes_down=sum(message_bytes(m) for m in messages), sampled=node_ids)
     replied = set()
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     # Pushing gave each message its id; an error the SuperLink answers for a lost node
@@ -73,10 +79,7 @@ def exchange(
             result.failed[node] = f"client error: {reply.error.reason}"
             continue
         result.bytes_up += message_bytes(reply)
-        try:
-            result.updates.append(decode_reply(node, reply.content))
-        except (KeyError, TypeError, ValueError) as exc:
-            result.failed[node] = f"malformed reply: {exc!r}"
+        result.replies.append((node, reply.content))
     for node in node_ids:
         if node not in replied:
             result.failed[node] = "no reply before the round timeout"

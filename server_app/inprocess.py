@@ -22,7 +22,7 @@ from flwr.common.serde import recorddict_to_proto
 from omegaconf import DictConfig
 
 from client_app.local_round import answer_request
-from fedcil.protocol import RoundPlan, canonical_order, decode_reply, encode_request
+from fedcil.protocol import RoundPlan, encode_request
 from server_app.federation import RoundExchange
 from server_app.loop import Send, run_rounds
 
@@ -64,7 +64,7 @@ def inprocess_sender(cfg: DictConfig, executor: Executor | None = None) -> Send:
         else:
             replies = list(executor.map(pooled_answer, [cfg] * len(nodes), [content] * len(nodes), nodes))
         return RoundExchange(
-            updates=canonical_order([decode_reply(n, r) for n, r in zip(nodes, replies)]),
+            replies=list(zip(nodes, replies)),
             bytes_up=sum(records_bytes(r) for r in replies),
             bytes_down=records_bytes(content) * len(nodes),
             sampled=nodes,

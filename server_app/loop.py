@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +15,18 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcil.config import check_choices, to_container
+from fedcil.config import to_container
 from fedcil.data import declared_shape
 from fedcil.experiment import experiment_for
 from fedcil.metrics import summary
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
 from fedcil.protocol import RoundPlan, canonical_order, encode_request
 from fedcil.results import build_results, format_accuracy_table, resolve_output_dir, write_results
+from fedcil.settings import check_settings
 from fedcil.tasks import make_task_split
 from fedcil.training import accuracies, evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
+from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped, expected_tensors
 from strategies import FederatedStrategy, build_strategy
 
 
@@ -77,7 +79,7 @@ class ClientEvaluator:
 
 
 Send = Callable[[RoundPlan, int, int, list[int]], RoundExchange]
-"""Deliver a plan for (task, round) to nodes; the exchange with the valid replies in canonical order."""
+"""Deliver a plan for (task, round) to nodes; the exchange with the replies as received."""
 
 
 def train_round(
@@ -103,22 +105,51 @@ def train_round(
     return result
 
 
-def flower_sender(grid: Grid, round_timeout: float | None, min_replies: int) -> Send:
-    """A :data:`Send` over Flower messages on ``grid``; fewer than ``min_replies`` valid replies stop the run."""
+def flower_sender(grid: Grid, round_timeout: float | None) -> Send:
+    """A :data:`Send` over Flower messages on ``grid`` (replies not yet checked)."""
 
     def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
         kind = MessageType.EVALUATE if plan.extra.get("evaluate") else MessageType.TRAIN
-        result = exchange(grid, encode_request(plan, task, server_round), nodes, round_timeout, kind)
-        needed = min(min_replies, len(nodes))
+        return exchange(grid, encode_request(plan, task, server_round), nodes, round_timeout, kind)
+
+    return send
+
+
+class TooFewReplies(RuntimeError):
+    """Fewer valid replies than ``min_replies``: the run stops, its last checkpoint kept."""
+
+
+def screened(send: Send, cfg: DictConfig) -> Send:
+    """``send`` whose result holds only valid updates (:mod:`server_app.validation`), in canonical order.
+
+    Invalid replies are logged with the node and the reason and recorded in ``failed``;
+    with ``replies.clip_norm`` trained tensors are clipped; fewer than ``min_replies``
+    valid replies (capped at the nodes asked) raise :class:`TooFewReplies`.
+    """
+    limits = ReplyLimits.from_config(cfg)
+
+    def send_and_check(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
+        result = send(plan, task, server_round, nodes)
+        expected = expected_tensors(plan, task, cfg)
+        clip = limits.clip_norm is not None and not plan.extra.get("evaluate") and "statistics" not in plan.extra
+        for node, content in result.replies:
+            try:
+                update = checked_update(node, content, expected, limits)
+            except InvalidReply as exc:
+                result.failed[node] = f"invalid reply: {exc}"
+                log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, server_round + 1, node, exc)
+                continue
+            result.updates.append(clipped(update, plan.state, limits.clip_norm) if clip else update)
+        needed = min(cfg.min_replies, len(nodes))
         if len(result.updates) < needed:
-            raise RuntimeError(
+            raise TooFewReplies(
                 f"task {task + 1} round {server_round + 1}: {len(result.updates)} valid client replies, "
-                f"min_replies={min_replies} needed; stopping (the checkpoint of the last finished round is kept)"
+                f"min_replies={cfg.min_replies} needed; stopping (the checkpoint of the last finished round is kept)"
             )
         result.updates = canonical_order(result.updates)
         return result
 
-    return send
+    return send_and_check
 
 
 def round_record(task: int, server_round: int, result: RoundExchange, accuracy: float | None, seconds: float) -> dict:
@@ -129,6 +160,7 @@ def round_record(task: int, server_round: int, result: RoundExchange, accuracy: 
         "loss": float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates])),
         "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
         "seconds": seconds, "missing": sorted(result.failed),
+        "failures": {str(node): reason for node, reason in sorted(result.failed.items())},
     }
 
 
@@ -136,7 +168,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
     """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
     started = time.monotonic()
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
-    return run_rounds(flower_sender(grid, cfg.round_timeout, cfg.min_replies), nodes, cfg, started)
+    return run_rounds(flower_sender(grid, cfg.round_timeout), nodes, cfg, started)
 
 
 def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | None = None) -> dict:
@@ -148,7 +180,8 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
     every round; with ``resume=<dir>`` the run goes on from the checkpoint there.
     """
     started, started_at = started or time.monotonic(), time.time()
-    check_choices(cfg)
+    check_settings(cfg)
+    send = screened(send, cfg)
     output_dir = resolve_output_dir(cfg)
     evaluator = ClientEvaluator(cfg, send, nodes) if cfg.evaluation == "clients" else ServerEvaluator(cfg)
     strategy = build_strategy(cfg, evaluator.model.initial_state)

@@ -78,6 +78,37 @@ def client_summaries(
     return summaries
 
 
+def gram_shape(dim: int, alpha: float) -> tuple[int, ...]:
+    """A regularised Gram of ``dim`` inputs: dense, or its diagonal when ``alpha == 0``."""
+    return (dim,) if alpha == 0.0 else (dim, dim)
+
+
+def summary_shapes(state: TensorDict, factor: str, head_rows: int, method: DictConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of :func:`client_summaries` for a model with trainable ``state``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key in state:
+        if not key.endswith(".lora_A"):
+            continue
+        layer = key.removesuffix(".lora_A")
+        rank, d_in = state[key].shape
+        if factor == "lora_A":
+            shapes[f"{layer}.AG"], shapes[f"{layer}.G"] = (rank, d_in), gram_shape(d_in, float(method.gram_alpha))
+        else:
+            shapes[f"{layer}.BS"], shapes[f"{layer}.S"] = (state[f"{layer}.lora_B"].shape[0], rank), (rank, rank)
+    width = state["head.weight"].shape[1]
+    shapes["head.WG"], shapes["head.nb"] = (head_rows, width), (head_rows,)
+    shapes["head.G"] = gram_shape(width, float(method.head_gram_alpha))
+    return shapes
+
+
+def task_end_shapes(state: TensorDict, method: DictConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the end-of-task Grams a client sends (``<layer>.G``)."""
+    return {
+        f"{key.removesuffix('.lora_A')}.G": gram_shape(state[key].shape[1], float(method.gram_alpha))
+        for key in state if key.endswith(".lora_A")
+    }
+
+
 class LoRM(FederatedStrategy):
     """Closed-form merging of one LoRA factor per round; Gram-weighted merging across tasks.
 

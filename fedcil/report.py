@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcil.results import draw_matrix, matrix_grid, write_atomic
+from fedcil.results import atomic_file, draw_matrix, matrix_grid, save_figure, write_atomic
 
 IGNORED_KEYS = ("seed", "output_dir", "method.name")
 METRICS = ("faa", "aia", "forgetting", "up_kb", "down_kb", "wall_seconds")
@@ -145,7 +145,7 @@ def markdown_table(keys: list[str], rows: list[dict[str, Any]], failures: list[d
 def write_csv(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
     """The report as CSV, one column per statistic."""
     columns = ["method", *keys, "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    with open(path, "w", newline="") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
         for row in rows:
@@ -161,7 +161,7 @@ def label(key: tuple, keys: list[str], skip: str | None = None) -> str:
 def save_with_legend(fig, ax, path: Path) -> None:
     """Save ``fig`` with ``ax``'s legend to the right of the plot, however many entries it has."""
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> list[str]:
@@ -188,7 +188,6 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
                         marker="o", capsize=3, label=name)
         ax.set(xscale="log", xlabel="Dirichlet beta (smaller = more skewed)", ylabel="FAA (%)", title="FAA against beta")
         save_with_legend(fig, ax, out / "faa_vs_beta.png")
-        plt.close(fig)
         written.append("faa_vs_beta.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -202,7 +201,6 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
     ax.set(xlabel="after training task", ylabel="mean accuracy on seen tasks (%)", ylim=(0, 100),
            title="accuracy after each task (mean ± std over seeds)")
     save_with_legend(fig, ax, out / "accuracy_per_task.png")
-    plt.close(fig)
     written.append("accuracy_per_task.png")
 
     cols = min(3, len(groups))
@@ -215,8 +213,7 @@ def plot_report(out: Path, keys: list[str], groups: dict[tuple, list[Run]]) -> l
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "accuracy_matrices.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "accuracy_matrices.png")
     written.append("accuracy_matrices.png")
     return written
 

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,37 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
     return default_output_dir(cfg, Path.cwd())
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never half a file)."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto it when the block succeeds.
+
+    Readers see the old file or the new one, never half a file; a failed write leaves
+    the old file and no temporary behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig`` to ``path`` atomically, then close the figure."""
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, **kwargs)
+    plt.close(fig)
 
 
 def _json_safe(value: Any) -> Any:
@@ -89,7 +115,7 @@ def write_results(output_dir: Path, results: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(output_dir / "results.json", json.dumps(_json_safe(results), indent=2))
     rows = [{k: r.get(k) for k in ROUND_FIELDS} for r in results["rounds"]]
-    with open(output_dir / "rounds.csv", "w", newline="") as fh:
+    with atomic_file(output_dir / "rounds.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -129,8 +155,7 @@ def plot_accuracy(output_dir: Path, acc: list[list[float | None]], title: str) -
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * num, 1.0 + 0.6 * num))
     fig.colorbar(draw_matrix(ax, grid, title), ax=ax, label="accuracy (%)")
     fig.tight_layout()
-    fig.savefig(output_dir / "accuracy_matrix.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, output_dir / "accuracy_matrix.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i in range(num):
@@ -140,8 +165,7 @@ def plot_accuracy(output_dir: Path, acc: list[list[float | None]], title: str) -
     ax.set_xticks(range(num))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(output_dir / "accuracy_per_task.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, output_dir / "accuracy_per_task.png")
 
 
 def format_accuracy_table(acc: list[list[float | None]], metrics: dict[str, float | None]) -> str:

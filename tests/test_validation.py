@@ -249,3 +249,42 @@ def test_a_flower_simulation_with_an_adversarial_client_equals_the_run_without_i
     # Tolerance: none. The same two clients' replies are merged in the same (canonical) order.
     assert attacked["accuracy_matrix"] == reference["accuracy_matrix"]
     assert [r["loss"] for r in attacked["rounds"]] == pytest.approx([r["loss"] for r in reference["rounds"]], rel=1e-12)
+
+
+def boosting_sender(cfg, factor: float, victim: int = 0):
+    """The in-process sender whose ``victim`` sends its update (trained minus sent) times ``factor``.
+
+    A valid-looking reply (right names and shapes, finite, far under ``replies.max_norm``):
+    only robust aggregation can limit it.
+    """
+    honest = inprocess_sender(cfg)
+
+    def send(plan, task, server_round, nodes):
+        result = honest(plan, task, server_round, nodes)
+        if not plan.extra.get("evaluate"):
+            boosted = []
+            for node, content in result.replies:
+                if node == victim:
+                    tensors = {k: plan.state[k] + factor * (v - plan.state[k])
+                               for k, v in content.array_records["update"].to_torch_state_dict().items()}
+                    content = RecordDict({"update": ArrayRecord(tensors), "metrics": content.metric_records["metrics"]})
+                boosted.append((node, content))
+            result.replies = boosted
+        return result
+
+    return send
+
+
+def test_norm_clipping_withstands_a_boosted_update(tmp_path):
+    """One client's update x30 wrecks plain averaging; clipping every update to 1.5 restores it.
+
+    (Honest updates here have L2 norms of about 1.9, at most 2.3.) Tolerance: 5 points of FAA.
+    """
+    run = [*TINY, "local_epochs=3"]
+    honest = run_inprocess(compose_config("config", [*run, f"output_dir={tmp_path / 'honest'}"]))["faa"]
+    plain = compose_config("config", [*run, f"output_dir={tmp_path / 'plain'}"])
+    attacked = run_rounds(boosting_sender(plain, 30), [0, 1, 2], plain)["faa"]
+    clipped_cfg = compose_config("config", [*run, "replies.clip_norm=1.5", f"output_dir={tmp_path / 'clipped'}"])
+    defended = run_rounds(boosting_sender(clipped_cfg, 30), [0, 1, 2], clipped_cfg)["faa"]
+    assert attacked < honest - 15
+    assert abs(defended - honest) < 5

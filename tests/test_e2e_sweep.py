@@ -24,14 +24,14 @@ def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_multirun_records_failures_reports_and_skips_done_jobs(tmp_path):
-    # beta=-1 is invalid: the clients reject it, so that job's run fails.
+    # beta=-1 is invalid: that job is refused before its Flower run starts; the others go on.
     first = sweep(tmp_path, "partition.beta=0.5,1.0,-1.0")
     assert first.returncode == 1, first.stderr[-2000:]
     results = sorted((tmp_path / "sweep").rglob("results.json"))
     errors = sorted((tmp_path / "sweep").rglob("error.json"))
     assert len(results) == 2 and len(errors) == 1
     error = json.loads(errors[0].read_text())
-    assert "finished:failed" in error["error"] and error["config"]["partition"]["beta"] == -1.0
+    assert "partition.beta=-1.0 is out of range" in error["error"] and error["config"]["partition"]["beta"] == -1.0
     assert all((r.parent / ".hydra" / "config.yaml").is_file() for r in results)
 
     build_report([tmp_path / "sweep"], tmp_path / "report")
@@ -42,7 +42,7 @@ def test_multirun_records_failures_reports_and_skips_done_jobs(tmp_path):
         assert row["seeds"] == "1" and float(row["faa_mean"]) == pytest.approx(data["faa"])
         assert float(row["aia_mean"]) == pytest.approx(data["aia"])
         assert float(row["wall_seconds_mean"]) == pytest.approx(data["wall_seconds"])
-    assert "finished:failed" in (tmp_path / "report" / "report.md").read_text()
+    assert "partition.beta=-1.0 is out of range" in (tmp_path / "report" / "report.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in results}
     again = sweep(tmp_path, "partition.beta=0.5,1.0")

@@ -11,7 +11,7 @@ from client_app.statistics import reply_tensors
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
-from fedcil.protocol import TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
+from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
 from fedcil.training import TrainSettings, correct_per_task, train_local
 
 
@@ -44,7 +44,7 @@ def run_local_round(
     if request.extra.get("evaluate"):
         shard = experiment.test_shard(partition_id, num_partitions)
         correct, counts = correct_per_task(model, experiment, request.task, cfg.eval_batch_size, device, among=shard)
-        tensors = {f"eval.{k}": torch.tensor(v, dtype=torch.float64) for k, v in (("correct", correct), ("count", counts))}
+        tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in ((EVAL_CORRECT, correct), (EVAL_COUNT, counts))}
         return tensors, len(shard), 0.0
     indices = experiment.client_indices(request.task, partition_id)
     settings = TrainSettings(

@@ -20,13 +20,15 @@ from fedcil.data import declared_shape
 from fedcil.experiment import experiment_for
 from fedcil.metrics import summary
 from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
-from fedcil.protocol import RoundPlan, canonical_order, encode_request
+from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, RoundPlan, canonical_order, encode_request
 from fedcil.results import build_results, format_accuracy_table, resolve_output_dir, write_results
 from fedcil.settings import check_settings
 from fedcil.tasks import make_task_split
 from fedcil.training import accuracies, evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
-from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped, expected_tensors
+from server_app.validation import (
+    InvalidReply, ReplyLimits, checked_update, clipped, expected_tensors, sends_trained_tensors,
+)
 from strategies import FederatedStrategy, build_strategy
 
 
@@ -72,8 +74,8 @@ class ClientEvaluator:
 
     def __call__(self, strategy: FederatedStrategy, task: int, server_round: int) -> Evaluation:
         result = self.send(strategy.evaluation_plan(), task, server_round, self.nodes)
-        correct = sum(u.tensors["eval.correct"] for u in result.updates)
-        counts = sum(u.tensors["eval.count"] for u in result.updates)
+        correct = sum(u.tensors[EVAL_CORRECT] for u in result.updates)
+        counts = sum(u.tensors[EVAL_COUNT] for u in result.updates)
         correct, counts = [int(c) for c in correct.tolist()], [int(n) for n in counts.tolist()]
         return Evaluation(accuracies(correct, counts), counts, result.bytes_up, result.bytes_down)
 
@@ -131,7 +133,7 @@ def screened(send: Send, cfg: DictConfig) -> Send:
     def send_and_check(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
         result = send(plan, task, server_round, nodes)
         expected = expected_tensors(plan, task, cfg)
-        clip = limits.clip_norm is not None and not plan.extra.get("evaluate") and "statistics" not in plan.extra
+        clip = limits.clip_norm is not None and sends_trained_tensors(plan)
         for node, content in result.replies:
             try:
                 update = checked_update(node, content, expected, limits)

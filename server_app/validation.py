@@ -22,15 +22,16 @@ import torch
 from flwr.app import RecordDict
 from omegaconf import DictConfig
 
+from client_app.statistics import STATISTICS
 from fedcil.errors import choices_error
 from fedcil.model import param_group
-from fedcil.protocol import ClientUpdate, RoundPlan, decode_reply
+from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, RoundPlan, decode_reply
 from fedcil.tasks import make_task_split
 from strategies.lorm import ROUND_STATISTICS, TASK_END_STATISTICS, summary_shapes, task_end_shapes
 
 Shapes = dict[str, tuple[int, ...]]
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-EVAL_KEYS = ("eval.correct", "eval.count")
+EVAL_KEYS = (EVAL_CORRECT, EVAL_COUNT)
 
 
 class InvalidReply(ValueError):
@@ -51,6 +52,11 @@ class ReplyLimits:
         return cls(int(r.max_examples), float(r.max_norm), None if r.clip_norm is None else float(r.clip_norm))
 
 
+def sends_trained_tensors(plan: RoundPlan) -> bool:
+    """Whether replies to ``plan`` are trained tensors (not statistics, not evaluation counts)."""
+    return not plan.extra.get("evaluate") and str(plan.extra.get("statistics", "none")) == "none"
+
+
 def expected_tensors(plan: RoundPlan, task: int, cfg: DictConfig) -> Shapes:
     """Names and shapes of the tensors a reply to ``plan`` in ``task`` must carry.
 
@@ -60,7 +66,7 @@ def expected_tensors(plan: RoundPlan, task: int, cfg: DictConfig) -> Shapes:
         return {key: (task + 1,) for key in EVAL_KEYS}
     kind = str(plan.extra.get("statistics", "none"))
     state = plan.state
-    if kind == "none":
+    if sends_trained_tensors(plan):
         return {k: tuple(v.shape) for k, v in state.items() if param_group(k) in plan.train_groups}
     if kind == ROUND_STATISTICS:
         factor = next(g for g in plan.train_groups if g.startswith("lora_"))
@@ -68,7 +74,7 @@ def expected_tensors(plan: RoundPlan, task: int, cfg: DictConfig) -> Shapes:
         return summary_shapes(state, factor, split.classes_per_task, cfg.method)
     if kind == TASK_END_STATISTICS:
         return task_end_shapes(state, cfg.method)
-    raise choices_error("statistics", kind, ["none", ROUND_STATISTICS, TASK_END_STATISTICS])
+    raise choices_error("statistics", kind, list(STATISTICS))
 
 
 def checked_update(node_id: int, content: RecordDict, expected: Shapes, limits: ReplyLimits) -> ClientUpdate:
@@ -96,7 +102,7 @@ def checked_update(node_id: int, content: RecordDict, expected: Shapes, limits: 
         if norm > limits.max_norm:
             raise InvalidReply(f"{key} has L2 norm {norm:.3g} > replies.max_norm={limits.max_norm:g}")
     if set(expected) == set(EVAL_KEYS):
-        correct, count = update.tensors["eval.correct"], update.tensors["eval.count"]
+        correct, count = update.tensors[EVAL_CORRECT], update.tensors[EVAL_COUNT]
         whole = bool((correct == correct.round()).all() and (count == count.round()).all())
         if not whole or bool((correct < 0).any()) or bool((correct > count).any()):
             raise InvalidReply("evaluation counts are not integers with 0 <= correct <= count")

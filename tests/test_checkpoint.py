@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcil.errors import ConfigError
 from fedcil.launch import APP_DIR, launch
 
@@ -72,3 +74,14 @@ def test_resume_refuses_other_settings_and_keeps_the_checkpoint(tmp_path):
 def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint.json there"):
         launch("config", ["num_tasks=2", "num_clients=3", "backend=inprocess", f"resume={tmp_path}"])
+
+
+def test_saving_replaces_the_state_and_leaves_only_its_own_tensors_file(tmp_path):
+    """What a kill after the state write leaves behind (an older tensors file) goes at the next save."""
+    (tmp_path / "checkpoint-2.safetensors").write_bytes(b"left by a killed run")
+    state = Checkpoint(task=1, server_round=0, accuracy_matrix=[[50.0]], counts=[10], rounds=[{}, {}, {}],
+                       rng_state={}, values={"k": 1}, config={"seed": 0})
+    save_checkpoint(tmp_path, state, {"w": torch.arange(4.0)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3.safetensors", "checkpoint.json"]
+    loaded, tensors = load_checkpoint(tmp_path, {"seed": 0, "output_dir": "elsewhere"})
+    assert loaded == state and torch.equal(tensors["w"], torch.arange(4.0))

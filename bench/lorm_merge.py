@@ -32,6 +32,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from fedcil.config import compose_config
 from fedcil.protocol import ClientUpdate, encode_reply
+from fedcil.tasks import split_for
 from strategies import build_strategy
 from strategies.lorm import client_summaries
 
@@ -76,14 +77,14 @@ def reply_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return recorddict_to_proto(encode_reply({k: v.float() for k, v in tensors.items()}, 100, 0.0)).ByteSize()
 
 
-def time_merge(strategy, server_round: int, updates: list[ClientUpdate], repeats: int) -> float:
+def time_merge(strategy, round_in_task: int, updates: list[ClientUpdate], repeats: int) -> float:
     """Median seconds of one ``aggregate_round`` over ``repeats`` runs."""
     saved = {k: v.clone() for k, v in strategy.state.items()}
     times = []
     for _ in range(repeats):
         strategy.state = {k: v.clone() for k, v in saved.items()}
         start = time.perf_counter()
-        strategy.aggregate_round(0, server_round, updates)
+        strategy.aggregate_round(0, round_in_task, updates)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -108,13 +109,13 @@ def measure(rank: int, repeats: int) -> dict:
     result: dict = {"rank": rank, "clients": CLIENTS, "layers": 4 * BLOCKS, "threads": torch.get_num_threads(), "seconds": {}, "bytes": {}}
     for name, dense in (("diagonal", False), ("dense", True)):
         cfg = compose_config("config", ["experiment=lorm_cifar100", f"lora.rank={rank}", f"method.gram_alpha={int(dense)}"])
-        strategy = build_strategy(cfg, state)
+        strategy = build_strategy(cfg, split_for(cfg, CLASSES), state)
         grams = client_grams(state, dense)
         seconds = {}
-        for server_round, factor in ((1, "lora_A"), (0, "lora_B")):
+        for round_in_task, factor in ((1, "lora_A"), (0, "lora_B")):
             summary = {k: v.float() for k, v in client_summaries(state, grams, factor, rows, 100).items()}
             updates = [ClientUpdate(k, summary, 100, 0.0) for k in range(CLIENTS)]
-            seconds[f"{factor[-1]}-round"] = time_merge(strategy, server_round, updates, repeats)
+            seconds[f"{factor[-1]}-round"] = time_merge(strategy, round_in_task, updates, repeats)
             result["bytes"][f"lorm {name} {factor[-1]}-round"] = reply_bytes(summary)
         seconds["task end"] = time_task_end(strategy, grams, repeats)
         result["seconds"][name] = seconds

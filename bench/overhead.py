@@ -32,7 +32,7 @@ import psutil
 
 from bench.memory import PeakMemory
 from bench.plain_loop import run_plain
-from fedcil.launch import FlowerSite, launch, listening_process
+from fedcil.cli.run import FlowerSite, launch, listening_process
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = {"wall_ratio": 1.25, "flower_startup_s": 10.0}

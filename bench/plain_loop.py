@@ -2,7 +2,7 @@
 
 Clients train in a pool of spawned worker processes (which import torch afresh, as Ray
 actors do), or in this process with ``processes=0``; the task/round loop, strategies,
-evaluation and messages are the ServerApp's own (:mod:`server_app.inprocess`).
+evaluation and messages are the ServerApp's own (:mod:`fedcil.cli.inprocess`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from fedcil.config import compose_config, quote_value
-from server_app.inprocess import run_inprocess
+from fedcil.cli.inprocess import run_inprocess
 
 
 @dataclass

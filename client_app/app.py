@@ -7,14 +7,20 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client_app.local_round import answer_request
-from fedcil.config import compose_config, parse_overrides, quote_value
+from fedcil.config import chooses_num_clients, compose_config, parse_overrides, quote_value
 
 app = ClientApp()
 
 
 def node_overrides(context: Context) -> list[str]:
-    """The run's overrides, plus what this SuperNode's node config decides: its data directory."""
+    """The run's overrides, plus what this SuperNode's node config decides.
+
+    Its data directory (``data-dir``), and the number of clients (``num-partitions``)
+    unless the run chooses ``num_clients`` itself.
+    """
     overrides = parse_overrides(str(context.run_config["overrides"]))
+    if not chooses_num_clients(overrides):
+        overrides.append(f"num_clients={int(context.node_config['num-partitions'])}")
     if "data-dir" in context.node_config:
         overrides.append(f"dataset.root={quote_value(str(context.node_config['data-dir']))}")
     return overrides

@@ -1,23 +1,43 @@
-"""One client round as a plain function: rebuild everything from config, train, reply."""
+"""One client round as a plain function: rebuild everything from config, train, reply.
+
+Nothing here is specific to a method: after local training the method's own client hook
+(:meth:`strategies.base.FederatedStrategy.client_reply`) decides what to send back.
+"""
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import torch
 from flwr.app import RecordDict
 from omegaconf import DictConfig
 
-from client_app.statistics import reply_tensors
+from fedcil.closed_form import Gram
 from fedcil.errors import ConfigError
-from fedcil.experiment import experiment_for
-from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
+from fedcil.experiment import Experiment, experiment_for
+from fedcil.gram import compute_grams
+from fedcil.model import FCILModel, adapted_layers, get_trainable_state, model_for, resolve_device, set_base_deltas, set_trainable_state
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
 from fedcil.training import TrainSettings, correct_per_task, train_local
+from strategies import ClientRound, method_class
 
 
-def round_seed(seed: int, task: int, server_round: int, partition_id: int) -> int:
+def round_seed(seed: int, task: int, round_in_task: int, partition_id: int) -> int:
     """Seed of one client's local shuffling in one round."""
-    return int(np.random.SeedSequence([seed, task, server_round, partition_id]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, task, round_in_task, partition_id]).generate_state(1)[0])
+
+
+def input_grams(
+    model: FCILModel, experiment: Experiment, indices: np.ndarray, batch_size: int, device: torch.device,
+    layer_alpha: float, head_alpha: float | None,
+) -> dict[str, Gram]:
+    """Regularised Grams of the adapted layers' inputs over ``indices`` (and the head's, unless ``head_alpha`` is None)."""
+    modules = dict(adapted_layers(model))
+    alphas = {name: layer_alpha for name in modules}
+    if head_alpha is not None:
+        modules["head"], alphas["head"] = model.head, head_alpha
+    return compute_grams(model, modules, alphas, experiment.data.train, indices, batch_size, device)
 
 
 def run_local_round(
@@ -53,7 +73,7 @@ def run_local_round(
         lr=cfg.lr,
         optimizer=cfg.optimizer,
         momentum=cfg.momentum,
-        seed=round_seed(cfg.seed, request.task, request.server_round, partition_id),
+        seed=round_seed(cfg.seed, request.task, request.round_in_task, partition_id),
     )
     loss = 0.0
     if request.train_groups:
@@ -67,7 +87,14 @@ def run_local_round(
             settings,
             device,
         )
-    return reply_tensors(cfg, model, request, experiment, indices), len(indices), loss
+    client = ClientRound(
+        request=request,
+        trained=get_trainable_state(model),
+        num_examples=len(indices),
+        task_classes=experiment.split.task_classes(request.task),
+        input_grams=partial(input_grams, model, experiment, indices, cfg.eval_batch_size, device),
+    )
+    return method_class(cfg.method.name).client_reply(cfg.method, client), len(indices), loss
 
 
 def answer_request(cfg: DictConfig, content: RecordDict, partition_id: int, num_partitions: int) -> RecordDict:

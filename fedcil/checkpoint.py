@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedcil.errors import ConfigError
 from fedcil.protocol import TensorDict
-from fedcil.results import write_atomic
+from fedcil.files import atomic_file, write_atomic
 
 STATE_FILE = "checkpoint.json"
 IGNORED_KEYS = ("resume", "output_dir")  # may differ between a run and its resumption
@@ -27,7 +27,7 @@ class Checkpoint:
     """Where a run stands after its last finished round, and what it needs to go on."""
 
     task: int
-    server_round: int
+    round_in_task: int
     accuracy_matrix: list[list[float | None]]
     counts: list[int]
     rounds: list[dict]
@@ -38,8 +38,8 @@ class Checkpoint:
 
     def next_position(self, rounds_per_task: int) -> tuple[int, int]:
         """``(task, round)`` of the first round still to run."""
-        if self.server_round + 1 < rounds_per_task:
-            return self.task, self.server_round + 1
+        if self.round_in_task + 1 < rounds_per_task:
+            return self.task, self.round_in_task + 1
         return self.task + 1, 0
 
 
@@ -49,9 +49,8 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint, tensors: TensorDict) -
 
     folder.mkdir(parents=True, exist_ok=True)
     name = f"checkpoint-{len(checkpoint.rounds)}.safetensors"
-    tmp = folder / f".{name}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(folder / name)
+    with atomic_file(folder / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     checkpoint.tensors_file = name
     write_atomic(folder / STATE_FILE, json.dumps(asdict(checkpoint)))
     for old in folder.glob("checkpoint-*.safetensors"):

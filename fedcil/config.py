@@ -44,6 +44,19 @@ def override_values(overrides: Sequence[str]) -> dict[str, object]:
     return {o.key_or_group: o.value() for o in parsed}
 
 
+def chooses_num_clients(overrides: Sequence[str]) -> bool:
+    """Whether ``overrides`` set ``num_clients``, themselves or through the experiment preset they select.
+
+    Under Flower, a run that does not choose takes the federation's size (see
+    :func:`server_app.loop.run_experiment`); one that does needs a federation of that size.
+    """
+    values = override_values(overrides)
+    preset = values.get("experiment")
+    return "num_clients" in values or (
+        preset is not None and "num_clients" in OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml")
+    )
+
+
 def config_names() -> list[str]:
     """Top-level config files in ``conf/`` (without ``.yaml``)."""
     return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))

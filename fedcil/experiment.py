@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedcil.data import ImageData, load_dataset
 from fedcil.errors import ConfigError
 from fedcil.partition import partition_task
-from fedcil.tasks import TaskSplit, make_task_split
+from fedcil.tasks import TaskSplit, split_for
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -87,7 +87,7 @@ def cap_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Load the data set and cut it into tasks as ``cfg`` says."""
     data = load_dataset(cfg.dataset)
-    split = make_task_split(data.num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed)
+    split = split_for(cfg, data.num_classes)
     return Experiment(
         cfg=cfg,
         data=data,

@@ -15,9 +15,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fedcil.experiment import experiment_for
-from fedcil.metrics import summary
 from fedcil.model import build_model, resolve_device
-from fedcil.results import build_results, format_accuracy_table, resolve_output_dir, write_results
+from fedcil.results import finish_run, resolve_output_dir
 from fedcil.training import TrainSettings, evaluate_seen_tasks, train_local
 
 
@@ -47,11 +46,7 @@ def run_joint(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         accuracy_matrix.append(per_task + [None] * (experiment.num_tasks - task - 1))
         accuracy = float(np.average(per_task, weights=counts))
         rounds.append({"task": task, "round": 0, "clients": 1, "loss": loss, "accuracy": accuracy,
-                       "bytes_up": 0, "bytes_down": 0, "seconds": time.monotonic() - step_start, "missing": []})
+                       "bytes_up": 0, "bytes_down": 0, "seconds": time.monotonic() - step_start, "missing": [], "failures": {}})
         log(f"joint: [task {task + 1}/{experiment.num_tasks}] {len(indices)} images, loss {loss:.4f}, "
             f"acc(seen) {accuracy:.2f}%, {rounds[-1]['seconds']:.0f}s")
-    results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds)
-    write_results(output_dir, results)
-    log(f"accuracy (%) per task:\n{format_accuracy_table(accuracy_matrix, summary(accuracy_matrix, counts))}")
-    log(f"results written to {output_dir}")
-    return results
+    return finish_run(cfg, output_dir, accuracy_matrix, counts, rounds, (started, started_at, setup_seconds), log)

@@ -1,4 +1,4 @@
-"""Class-incremental metrics from the accuracy matrix (DESIGN.md section 6).
+"""Class-incremental metrics from the accuracy matrix (FAA, AIA, forgetting, BWT; see docs/methods.md).
 
 ``acc[t][i]`` is the accuracy (percent) on task ``i``'s test classes after training task
 ``t``, predicting over every class seen up to ``t``; entries with ``i > t`` are ``None``.

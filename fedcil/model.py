@@ -23,7 +23,6 @@ from torch import nn
 from fedcil.errors import ConfigError
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
-PARAM_GROUPS = ("lora_A", "lora_B", "head")
 _PEFT_NAME = re.compile(r"^backbone\.(?P<module>.+)\.(?P<factor>lora_[AB])\.default\.weight$")
 
 
@@ -171,11 +170,6 @@ def trainable_parameters(model: FCILModel) -> dict[str, nn.Parameter]:
     return params
 
 
-def param_group(name: str) -> str:
-    """``lora_A``, ``lora_B`` or ``head`` for an exchange name."""
-    return name.rsplit(".", 1)[-1] if ".lora_" in name else "head"
-
-
 def adapted_layers(model: FCILModel) -> dict[str, LoraLayer]:
     """The PEFT LoRA layers under their exchange names (e.g. ``blocks.0.attn.qkv``)."""
     return {
@@ -183,11 +177,6 @@ def adapted_layers(model: FCILModel) -> dict[str, LoraLayer]:
         for name, module in model.named_modules()
         if isinstance(module, LoraLayer)
     }
-
-
-def lora_scaling(lora_cfg: DictConfig) -> float:
-    """PEFT's LoRA scaling ``alpha / r``: a layer computes ``W0 x + scaling * B A x``."""
-    return float(lora_cfg.alpha) / int(lora_cfg.rank)
 
 
 def set_base_deltas(model: FCILModel, deltas: dict[str, torch.Tensor]) -> None:

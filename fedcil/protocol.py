@@ -5,9 +5,11 @@ Request (server -> client) ``RecordDict``:
     ``base``   ArrayRecord   optional: what to add to the frozen ``W0`` of adapted layers,
                              per layer either ``<layer>.delta`` (dense) or the factors
                              ``<layer>.U`` and ``<layer>.V`` of ``delta = U V``
-    ``config`` ConfigRecord  ``task``, ``round``, ``train-groups`` and method extras
+    ``config`` ConfigRecord  ``task``, ``round`` (within the task, from 0), ``train-groups``
+                             and the plan's extras (``evaluate``, ``statistics``)
 Reply (client -> server) ``RecordDict``:
-    ``update``  ArrayRecord  the trained tensors of the requested groups
+    ``update``  ArrayRecord  the trained tensors of the requested groups, the method's
+                             statistics, or evaluation counts (``eval.correct``, ``eval.count``)
     ``metrics`` MetricRecord ``num-examples``, ``train-loss``
 """
 
@@ -19,7 +21,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 TensorDict = dict[str, torch.Tensor]
+Shapes = dict[str, tuple[int, ...]]
 EVAL_CORRECT, EVAL_COUNT = "eval.correct", "eval.count"  # an evaluation reply's tensors: per-task counts
+
+
+def param_group(name: str) -> str:
+    """``lora_A``, ``lora_B`` or ``head`` for an exchange name (``blocks.0.attn.qkv.lora_A``, ``head.weight``)."""
+    return name.rsplit(".", 1)[-1] if ".lora_" in name else "head"
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,9 @@ class RoundPlan:
     """What the server sends for one round: the full trainable state and instructions.
 
     ``train_groups`` names the parameter groups clients train (of ``lora_A``,
-    ``lora_B``, ``head``); clients reply with the trained tensors of those groups.
+    ``lora_B``, ``head``); clients reply with the trained tensors of those groups, unless
+    ``extra`` asks for an evaluation (``evaluate``) or for a method's statistics
+    (``statistics``: a kind the method's strategy names and its client hook computes).
     """
 
     state: TensorDict
@@ -35,13 +45,23 @@ class RoundPlan:
     extra: dict[str, int | float | str | bool] = field(default_factory=dict)
     base: TensorDict = field(default_factory=dict)
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether this plan asks clients to evaluate the sent model."""
+        return bool(self.extra.get("evaluate"))
+
+    @property
+    def returns_trained_tensors(self) -> bool:
+        """Whether replies are the trained tensors of ``train_groups`` (not statistics, not counts)."""
+        return not self.evaluates and str(self.extra.get("statistics", "none")) == "none"
+
 
 @dataclass(frozen=True)
 class TrainRequest:
     """A client's view of a round's request."""
 
     task: int
-    server_round: int
+    round_in_task: int
     state: TensorDict
     train_groups: tuple[str, ...]
     extra: dict
@@ -73,9 +93,9 @@ def content_sum(tensors: TensorDict) -> float:
     return float(sum(t.to(torch.float64).sum() for t in tensors.values()))
 
 
-def encode_request(plan: RoundPlan, task: int, server_round: int) -> RecordDict:
-    """The request RecordDict for one round."""
-    config = {"task": task, "round": server_round, "train-groups": list(plan.train_groups), **plan.extra}
+def encode_request(plan: RoundPlan, task: int, round_in_task: int) -> RecordDict:
+    """The request RecordDict for one round (``round_in_task`` counts from 0 within ``task``)."""
+    config = {"task": task, "round": round_in_task, "train-groups": list(plan.train_groups), **plan.extra}
     records = {"state": ArrayRecord(plan.state), "config": ConfigRecord(config)}
     if plan.base:
         records["base"] = ArrayRecord({k: v.float() for k, v in plan.base.items()})
@@ -87,7 +107,7 @@ def decode_request(content: RecordDict) -> TrainRequest:
     config = dict(content.config_records["config"])
     return TrainRequest(
         task=int(config.pop("task")),
-        server_round=int(config.pop("round")),
+        round_in_task=int(config.pop("round")),
         state=content.array_records["state"].to_torch_state_dict(),
         train_groups=tuple(config.pop("train-groups")),
         extra=config,

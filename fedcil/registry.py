@@ -26,6 +26,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a method a test or a plug-in registered for a while)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         """Return the builder registered as ``name``."""
         if name not in self._items:

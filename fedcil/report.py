@@ -1,4 +1,4 @@
-"""``fcil-report``: aggregate results over seeds into a Markdown table, a CSV and plots.
+"""Reports over many runs: mean and standard deviation over seeds as a Markdown table, a CSV and plots.
 
     fcil-report multirun/ [more dirs or results.json files] [--out DIR]
 
@@ -9,10 +9,8 @@ seeds. Failed sweep jobs (``error.json``) are listed under the table.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
 import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fedcil.results import atomic_file, draw_matrix, matrix_grid, save_figure, write_atomic
+from fedcil.files import atomic_file, write_atomic
+from fedcil.results import draw_matrix, matrix_grid, save_figure
 
 IGNORED_KEYS = ("seed", "output_dir", "method.name")
 METRICS = ("faa", "aia", "forgetting", "up_kb", "down_kb", "wall_seconds")
@@ -232,23 +231,3 @@ def build_report(paths: list[Path], out: Path) -> str:
     write_csv(out / "report.csv", keys, rows)
     plot_report(out, keys, groups)
     return text
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
-    parser = argparse.ArgumentParser(prog="fcil-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="sweep directories, run directories or results.json files")
-    parser.add_argument("--out", type=Path, help="where to write the report (default: the first path)")
-    args = parser.parse_args(argv)
-    out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
-    try:
-        print(build_report(args.paths, out), end="")
-    except FileNotFoundError as exc:
-        print(f"fcil-report: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"fcil-report: wrote report.md, report.csv and plots to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,15 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+from fedcil.files import atomic_file, write_atomic
 
 ROUND_FIELDS = ("task", "round", "clients", "loss", "accuracy", "bytes_up", "bytes_down", "seconds")
 
@@ -35,38 +35,6 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
                 raise ConfigError(f"{key}={cfg[key]!r} must be an absolute path")
             return path
     return default_output_dir(cfg, Path.cwd())
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it when the block succeeds.
-
-    Readers see the old file or the new one, never half a file; a failed write leaves
-    the old file and no temporary behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # as open() would create it, not mkstemp's 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def current_umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
 
 
 def save_figure(fig, path: Path, **kwargs) -> None:
@@ -116,6 +84,30 @@ def build_results(
         "setup_seconds": setup_seconds,
         "config": to_container(cfg),
     }
+
+
+def finish_run(
+    cfg: DictConfig,
+    output_dir: Path,
+    accuracy_matrix: list[list[float | None]],
+    counts: list[int],
+    rounds: list[dict],
+    timing: tuple[float, float, float],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The end of every run (federated or ``joint``): build the record, write the files, print the table.
+
+    ``timing`` is ``(started, started_at, setup_seconds)``: ``time.monotonic()`` and
+    ``time.time()`` at the start, and the seconds before the first round.
+    """
+    from fedcil.metrics import summary
+
+    started, started_at, setup_seconds = timing
+    results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds)
+    write_results(output_dir, results)
+    log(f"accuracy (%) per task:\n{format_accuracy_table(accuracy_matrix, summary(accuracy_matrix, counts))}")
+    log(f"results written to {output_dir}")
+    return results
 
 
 def write_results(output_dir: Path, results: dict[str, Any]) -> None:

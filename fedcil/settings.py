@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedcil.data import declared_shape
 from fedcil.errors import ConfigError, choices_error
-from fedcil.tasks import make_task_split
+from fedcil.tasks import split_for
 
 CHOICES = {"backend": ("flower", "inprocess"), "evaluation": ("server", "clients")}
 
@@ -121,4 +121,4 @@ def check_settings(cfg: DictConfig) -> None:
         num_classes = declared_shape(cfg.dataset).num_classes
     except ConfigError:  # an image folder whose class count is only known once loaded
         return
-    make_task_split(num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed)
+    split_for(cfg, num_classes)

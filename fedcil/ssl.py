@@ -31,7 +31,7 @@ from torch import nn
 from fedcil.data import ArrayDataset, ImageData, iterate_batches, load_dataset
 from fedcil.errors import ConfigError
 from fedcil.model import FCILModel, create_backbone, model_img_size, resolve_device
-from fedcil.results import write_atomic
+from fedcil.files import atomic_file, write_atomic
 
 CHECKPOINT = "backbone.safetensors"
 SETTINGS = "pretrain.json"
@@ -195,9 +195,8 @@ def pretrain(cfg: DictConfig, data: ImageData, out: Path, log: Callable[[str], N
     log(f"pretrain: linear probe {probe:.2f}% (random init {random_probe:.2f}%), {wall:.0f}s")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
-    tmp = out / f".{CHECKPOINT}.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(out / CHECKPOINT)
+    with atomic_file(out / CHECKPOINT) as tmp:
+        save_file(state, str(tmp))
     settings = {
         **checkpoint_settings(cfg, data),
         "epoch_losses": losses,
@@ -220,23 +219,3 @@ def ensure_pretrained(cfg: DictConfig, log: Callable[[str], None] = print) -> Pr
         return PretrainResult(folder / CHECKPOINT, settings, reused=True)
     settings = pretrain(cfg, data, folder, log)
     return PretrainResult(folder / CHECKPOINT, settings, reused=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fcil-pretrain [overrides]``: pretrain (or find) the checkpoint and print its path."""
-    import argparse
-    import sys
-
-    from fedcil.config import compose_config
-
-    parser = argparse.ArgumentParser(prog="fcil-pretrain", description="Self-supervised pretraining of the backbone.")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=fmnist_ssl pretrain.epochs=8")
-    parser.add_argument("--config-name", default="config")
-    args = parser.parse_args(argv)
-    try:
-        result = ensure_pretrained(compose_config(args.config_name, args.overrides), log=lambda m: print(m, flush=True))
-    except ConfigError as exc:
-        print(f"fcil-pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"fcil-pretrain: checkpoint {result.path} (use model.pretrained_path={result.path})")
-    return 0

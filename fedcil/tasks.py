@@ -7,10 +7,14 @@ contiguous labels ``[t * c, (t + 1) * c)`` and "classes seen so far" is a prefix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedcil.errors import ConfigError, choices_error
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CLASS_ORDERS = ("natural", "shuffle")
 
@@ -59,3 +63,8 @@ def make_task_split(
     if class_order == "shuffle":
         order = np.random.default_rng(seed).permutation(num_classes)
     return TaskSplit(class_order=order[: per_task * num_tasks], num_tasks=num_tasks, classes_per_task=per_task)
+
+
+def split_for(cfg: DictConfig, num_classes: int) -> TaskSplit:
+    """The task split ``cfg`` asks for on a data set of ``num_classes`` classes."""
+    return make_task_split(num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed)

@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 
 from fedcil.data import iterate_batches
 from fedcil.errors import choices_error
-from fedcil.model import FCILModel, param_group, trainable_parameters
+from fedcil.model import FCILModel, trainable_parameters
+from fedcil.protocol import param_group
 
 OPTIMIZERS = ("adam", "sgd")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcil.config import compose_config
+from fedcil.config import parse_overrides
 from server_app.loop import run_experiment
 
 app = ServerApp()
@@ -14,5 +14,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Federated class-incremental training, as configured by ``config-name`` + ``overrides``."""
-    cfg = compose_config(str(context.run_config["config-name"]), str(context.run_config["overrides"]))
-    run_experiment(grid, cfg)
+    run_experiment(grid, str(context.run_config["config-name"]), parse_overrides(str(context.run_config["overrides"])))

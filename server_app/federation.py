@@ -54,6 +54,23 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
+def wait_for_federation(grid: Grid, timeout: float, settle: float = 2.0) -> list[int]:
+    """Node ids once at least one SuperNode is connected and the count has not changed for ``settle`` seconds.
+
+    Stops waiting after ``timeout`` seconds with the nodes connected then; none is a clear error.
+    """
+    deadline = time.monotonic() + timeout
+    nodes, since = sorted(grid.get_node_ids()), time.monotonic()
+    while not (nodes and time.monotonic() - since >= settle) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = sorted(grid.get_node_ids())
+        if now != nodes:
+            nodes, since = now, time.monotonic()
+    if not nodes:
+        raise ConfigError(f"no SuperNode connected within node_wait_seconds={timeout:g}")
+    return nodes
+
+
 def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Generator) -> list[int]:
     """``max(1, round(fraction * K))`` distinct nodes, in sorted order."""
     count = max(1, int(round(fraction * len(node_ids))))

@@ -15,20 +15,17 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcil.config import to_container
+from fedcil.config import chooses_num_clients, compose_config, to_container
 from fedcil.data import declared_shape
-from fedcil.experiment import experiment_for
-from fedcil.metrics import summary
-from fedcil.model import model_for, resolve_device, set_base_deltas, set_trainable_state
+from fedcil.experiment import Experiment, experiment_for
+from fedcil.model import FCILModel, model_for, resolve_device, set_base_deltas, set_trainable_state
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, RoundPlan, canonical_order, encode_request
-from fedcil.results import build_results, format_accuracy_table, resolve_output_dir, write_results
+from fedcil.results import finish_run, resolve_output_dir
 from fedcil.settings import check_settings
-from fedcil.tasks import make_task_split
+from fedcil.tasks import TaskSplit, split_for
 from fedcil.training import accuracies, evaluate_seen_tasks
-from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_nodes
-from server_app.validation import (
-    InvalidReply, ReplyLimits, checked_update, clipped, expected_tensors, sends_trained_tensors,
-)
+from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_federation, wait_for_nodes
+from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped
 from strategies import FederatedStrategy, build_strategy
 
 
@@ -45,15 +42,12 @@ class Evaluation:
 class ServerEvaluator:
     """``evaluation: server``: the server evaluates on its own copy of the test set."""
 
-    def __init__(self, cfg: DictConfig) -> None:
-        self.experiment = experiment_for(cfg)
-        data = self.experiment.data
-        self.model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
-        self.num_tasks = self.experiment.num_tasks
+    def __init__(self, cfg: DictConfig, experiment: Experiment, model: FCILModel) -> None:
+        self.experiment, self.model = experiment, model
         self.batch_size = cfg.eval_batch_size
         self.device = resolve_device(cfg.device)
 
-    def __call__(self, strategy: FederatedStrategy, task: int, server_round: int) -> Evaluation:
+    def __call__(self, strategy: FederatedStrategy, task: int, round_in_task: int) -> Evaluation:
         set_trainable_state(self.model, strategy.evaluation_state())
         set_base_deltas(self.model, strategy.base_deltas())
         return Evaluation(*evaluate_seen_tasks(self.model, self.experiment, task, self.batch_size, self.device))
@@ -63,21 +57,32 @@ class ClientEvaluator:
     """``evaluation: clients``: every node evaluates on its own test shard; the server sums the counts.
 
     The shards split the test set without overlap, so the sums are the counts over the
-    whole test set. The server loads no data: the model's shape comes from the config.
+    whole test set. The server loads no data.
     """
 
-    def __init__(self, cfg: DictConfig, send: Send, nodes: list[int]) -> None:
-        shape = declared_shape(cfg.dataset)
-        self.model = model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size)
-        self.num_tasks = make_task_split(shape.num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed).num_tasks
+    def __init__(self, send: Send, nodes: list[int]) -> None:
         self.send, self.nodes = send, nodes
 
-    def __call__(self, strategy: FederatedStrategy, task: int, server_round: int) -> Evaluation:
-        result = self.send(strategy.evaluation_plan(), task, server_round, self.nodes)
+    def __call__(self, strategy: FederatedStrategy, task: int, round_in_task: int) -> Evaluation:
+        result = self.send(strategy.evaluation_plan(), task, round_in_task, self.nodes)
         correct = sum(u.tensors[EVAL_CORRECT] for u in result.updates)
         counts = sum(u.tensors[EVAL_COUNT] for u in result.updates)
         correct, counts = [int(c) for c in correct.tolist()], [int(n) for n in counts.tolist()]
         return Evaluation(accuracies(correct, counts), counts, result.bytes_up, result.bytes_down)
+
+
+def server_model(cfg: DictConfig) -> tuple[FCILModel, TaskSplit, Experiment | None]:
+    """The model the server evaluates, the run's task split (built once here) and the test data.
+
+    With ``evaluation: clients`` the server loads no data (``None``): shapes come from the config.
+    """
+    if cfg.evaluation == "clients":
+        shape, experiment = declared_shape(cfg.dataset), None
+        split = split_for(cfg, shape.num_classes)
+    else:
+        experiment = experiment_for(cfg)
+        shape, split = experiment.data, experiment.split
+    return model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size), split, experiment
 
 
 Send = Callable[[RoundPlan, int, int, list[int]], RoundExchange]
@@ -86,7 +91,7 @@ Send = Callable[[RoundPlan, int, int, list[int]], RoundExchange]
 
 def train_round(
     send: Send, cfg: DictConfig, strategy: FederatedStrategy, nodes: list[int],
-    rng: np.random.Generator, task: int, server_round: int,
+    rng: np.random.Generator, task: int, round_in_task: int,
 ) -> RoundExchange:
     """Sample clients, send the strategy's plan, merge the valid replies; the exchange.
 
@@ -94,11 +99,11 @@ def train_round(
     node and its replies go to ``strategy.end_task``; its bytes count in this round.
     """
     sampled = sample_nodes(nodes, cfg.fraction_train, rng)
-    result = send(strategy.configure_round(task, server_round), task, server_round, sampled)
-    strategy.aggregate_round(task, server_round, result.updates)
-    if server_round == cfg.rounds_per_task - 1:
+    result = send(strategy.configure_round(task, round_in_task), task, round_in_task, sampled)
+    strategy.aggregate_round(task, round_in_task, result.updates)
+    if round_in_task == cfg.rounds_per_task - 1:
         plan = strategy.task_end_plan(task)
-        statistics = send(plan, task, server_round, nodes) if plan else None
+        statistics = send(plan, task, round_in_task, nodes) if plan else None
         strategy.end_task(task, statistics.updates if statistics else [])
         if statistics:
             result.bytes_up += statistics.bytes_up
@@ -110,9 +115,9 @@ def train_round(
 def flower_sender(grid: Grid, round_timeout: float | None) -> Send:
     """A :data:`Send` over Flower messages on ``grid`` (replies not yet checked)."""
 
-    def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
-        kind = MessageType.EVALUATE if plan.extra.get("evaluate") else MessageType.TRAIN
-        return exchange(grid, encode_request(plan, task, server_round), nodes, round_timeout, kind)
+    def send(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
+        kind = MessageType.EVALUATE if plan.evaluates else MessageType.TRAIN
+        return exchange(grid, encode_request(plan, task, round_in_task), nodes, round_timeout, kind)
 
     return send
 
@@ -121,8 +126,10 @@ class TooFewReplies(RuntimeError):
     """Fewer valid replies than ``min_replies``: the run stops, its last checkpoint kept."""
 
 
-def screened(send: Send, cfg: DictConfig) -> Send:
+def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
     """``send`` whose result holds only valid updates (:mod:`server_app.validation`), in canonical order.
+
+    What a valid reply carries is the strategy's to say (``strategy.expected_reply``).
 
     Invalid replies are logged with the node and the reason and recorded in ``failed``;
     with ``replies.clip_norm`` trained tensors are clipped; fewer than ``min_replies``
@@ -130,22 +137,22 @@ def screened(send: Send, cfg: DictConfig) -> Send:
     """
     limits = ReplyLimits.from_config(cfg)
 
-    def send_and_check(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
-        result = send(plan, task, server_round, nodes)
-        expected = expected_tensors(plan, task, cfg)
-        clip = limits.clip_norm is not None and sends_trained_tensors(plan)
+    def send_and_check(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
+        result = send(plan, task, round_in_task, nodes)
+        expected = strategy.expected_reply(plan, task)
+        clip = limits.clip_norm is not None and plan.returns_trained_tensors
         for node, content in result.replies:
             try:
                 update = checked_update(node, content, expected, limits)
             except InvalidReply as exc:
                 result.failed[node] = f"invalid reply: {exc}"
-                log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, server_round + 1, node, exc)
+                log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, round_in_task + 1, node, exc)
                 continue
             result.updates.append(clipped(update, plan.state, limits.clip_norm) if clip else update)
         needed = min(cfg.min_replies, len(nodes))
         if len(result.updates) < needed:
             raise TooFewReplies(
-                f"task {task + 1} round {server_round + 1}: {len(result.updates)} valid client replies, "
+                f"task {task + 1} round {round_in_task + 1}: {len(result.updates)} valid client replies, "
                 f"min_replies={cfg.min_replies} needed; stopping (the checkpoint of the last finished round is kept)"
             )
         result.updates = canonical_order(result.updates)
@@ -154,11 +161,11 @@ def screened(send: Send, cfg: DictConfig) -> Send:
     return send_and_check
 
 
-def round_record(task: int, server_round: int, result: RoundExchange, accuracy: float | None, seconds: float) -> dict:
+def round_record(task: int, round_in_task: int, result: RoundExchange, accuracy: float | None, seconds: float) -> dict:
     """One round's entry of ``results.json`` (``rounds``)."""
     updates = result.updates
     return {
-        "task": task, "round": server_round, "clients": len(updates),
+        "task": task, "round": round_in_task, "clients": len(updates),
         "loss": float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates])),
         "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
         "seconds": seconds, "missing": sorted(result.failed),
@@ -166,10 +173,20 @@ def round_record(task: int, server_round: int, result: RoundExchange, accuracy: 
     }
 
 
-def run_experiment(grid: Grid, cfg: DictConfig) -> dict:
-    """Run every task and round of ``cfg`` on ``grid``; write and return the results."""
+def run_experiment(grid: Grid, config_name: str, overrides: list[str]) -> dict:
+    """Run every task and round of the config on ``grid``; write and return the results.
+
+    A run that does not choose ``num_clients`` (:func:`fedcil.config.chooses_num_clients`)
+    has as many clients as the federation has SuperNodes.
+    """
     started = time.monotonic()
-    nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
+    cfg = compose_config(config_name, overrides)
+    if chooses_num_clients(overrides):
+        nodes = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
+    else:
+        nodes = wait_for_federation(grid, cfg.node_wait_seconds)
+        cfg = compose_config(config_name, [*overrides, f"num_clients={len(nodes)}"])
+        log(INFO, "num_clients=%d, the federation's SuperNodes (set num_clients to require a number)", len(nodes))
     return run_rounds(flower_sender(grid, cfg.round_timeout), nodes, cfg, started)
 
 
@@ -177,18 +194,19 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
     """Every task and round of ``cfg`` through ``send`` to ``nodes``; write and return the results.
 
     The one task/round loop, whatever carries the messages (Flower, or the in-process
-    sender of :mod:`server_app.inprocess`). ``started`` (``time.monotonic()``) counts
+    sender of :mod:`fedcil.cli.inprocess`). ``started`` (``time.monotonic()``) counts
     earlier set-up into the run's times. With ``checkpoint`` a checkpoint is written after
     every round; with ``resume=<dir>`` the run goes on from the checkpoint there.
     """
     started, started_at = started or time.monotonic(), time.time()
     check_settings(cfg)
-    send = screened(send, cfg)
     output_dir = resolve_output_dir(cfg)
-    evaluator = ClientEvaluator(cfg, send, nodes) if cfg.evaluation == "clients" else ServerEvaluator(cfg)
-    strategy = build_strategy(cfg, evaluator.model.initial_state)
+    model, split, experiment = server_model(cfg)
+    strategy = build_strategy(cfg, split, model.initial_state)
+    send = screened(send, cfg, strategy)
+    evaluator = ClientEvaluator(send, nodes) if experiment is None else ServerEvaluator(cfg, experiment, model)
     rng = np.random.default_rng(cfg.seed)
-    num_tasks, rounds_per_task = evaluator.num_tasks, cfg.rounds_per_task
+    num_tasks, rounds_per_task = split.num_tasks, cfg.rounds_per_task
     accuracy_matrix: list[list[float | None]] = []
     rounds: list[dict] = []
     counts: list[int] = []
@@ -199,7 +217,7 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
         rng.bit_generator.state = checkpoint.rng_state
         accuracy_matrix, rounds, counts = checkpoint.accuracy_matrix, checkpoint.rounds, checkpoint.counts
         first_task, first_round = checkpoint.next_position(rounds_per_task)
-        log(INFO, "resuming %s after task %d round %d", cfg.resume, checkpoint.task + 1, checkpoint.server_round + 1)
+        log(INFO, "resuming %s after task %d round %d", cfg.resume, checkpoint.task + 1, checkpoint.round_in_task + 1)
     log(INFO, "%s on %s: %d tasks x %d rounds, %d clients, output %s",
         cfg.method.name, cfg.dataset.name, num_tasks, rounds_per_task, len(nodes), output_dir)
 
@@ -208,33 +226,30 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
     for task in range(first_task, num_tasks):
         if not (task == first_task and first_round > 0):  # a resumed task already started
             strategy.start_task(task)
-        for server_round in range(first_round if task == first_task else 0, rounds_per_task):
+        for round_in_task in range(first_round if task == first_task else 0, rounds_per_task):
             round_start = time.monotonic()
-            result = train_round(send, cfg, strategy, nodes, rng, task, server_round)
-            last = server_round == rounds_per_task - 1
+            result = train_round(send, cfg, strategy, nodes, rng, task, round_in_task)
+            last = round_in_task == rounds_per_task - 1
             accuracy = None
             if cfg.eval_every_round or last:
-                evaluation = evaluator(strategy, task, server_round)
+                evaluation = evaluator(strategy, task, round_in_task)
                 per_task, counts = evaluation.accuracies, evaluation.counts
                 accuracy = float(np.average(per_task, weights=counts))
                 result.bytes_up += evaluation.bytes_up
                 result.bytes_down += evaluation.bytes_down
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
-            rounds.append(round_record(task, server_round, result, accuracy, time.monotonic() - round_start))
+            rounds.append(round_record(task, round_in_task, result, accuracy, time.monotonic() - round_start))
             if cfg.checkpoint:
                 tensors, values = strategy.checkpoint()
                 save_checkpoint(output_dir, Checkpoint(
-                    task, server_round, accuracy_matrix, counts, rounds, rng.bit_generator.state, values, to_container(cfg),
+                    task, round_in_task, accuracy_matrix, counts, rounds, rng.bit_generator.state, values, to_container(cfg),
                 ), tensors)
             remaining = num_tasks * rounds_per_task - len(rounds)
             eta = (time.monotonic() - started) / (len(rounds) - restored) * remaining
             log(INFO, "[task %d/%d round %d/%d] loss %.4f  acc(seen) %s  clients %d  %.1fs  ETA %ds",
-                task + 1, num_tasks, server_round + 1, rounds_per_task, rounds[-1]["loss"],
+                task + 1, num_tasks, round_in_task + 1, rounds_per_task, rounds[-1]["loss"],
                 "-" if accuracy is None else f"{accuracy:.2f}%", len(result.updates), rounds[-1]["seconds"], eta)
 
-    results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds)
-    write_results(output_dir, results)
-    log(INFO, "accuracy (%%) per task:\n%s", format_accuracy_table(accuracy_matrix, summary(accuracy_matrix, counts)))
-    log(INFO, "results written to %s", output_dir)
-    return results
+    timing = (started, started_at, setup_seconds)
+    return finish_run(cfg, output_dir, accuracy_matrix, counts, rounds, timing, lambda message: log(INFO, "%s", message))

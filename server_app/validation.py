@@ -1,7 +1,7 @@
 """Every client reply is checked before it reaches a strategy: a server must not trust its clients.
 
 A reply passes when it decodes, carries exactly the tensors its request asks for (names and
-shapes follow from the request's plan, as :func:`expected_tensors` says), in a floating
+shapes as the method's strategy declares them: ``expected_reply(plan, task)``), in a floating
 dtype, every value finite and every tensor's L2 norm within ``replies.max_norm``; its
 ``num-examples`` is an integer in ``0..replies.max_examples`` (0 is honest: a client may hold
 no data of a task) and its loss is finite; an evaluation's per-task counts are
@@ -22,14 +22,8 @@ import torch
 from flwr.app import RecordDict
 from omegaconf import DictConfig
 
-from client_app.statistics import STATISTICS
-from fedcil.errors import choices_error
-from fedcil.model import param_group
-from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, RoundPlan, decode_reply
-from fedcil.tasks import make_task_split
-from strategies.lorm import ROUND_STATISTICS, TASK_END_STATISTICS, summary_shapes, task_end_shapes
+from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, Shapes, decode_reply
 
-Shapes = dict[str, tuple[int, ...]]
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EVAL_KEYS = (EVAL_CORRECT, EVAL_COUNT)
 
@@ -50,31 +44,6 @@ class ReplyLimits:
     def from_config(cls, cfg: DictConfig) -> ReplyLimits:
         r = cfg.replies
         return cls(int(r.max_examples), float(r.max_norm), None if r.clip_norm is None else float(r.clip_norm))
-
-
-def sends_trained_tensors(plan: RoundPlan) -> bool:
-    """Whether replies to ``plan`` are trained tensors (not statistics, not evaluation counts)."""
-    return not plan.extra.get("evaluate") and str(plan.extra.get("statistics", "none")) == "none"
-
-
-def expected_tensors(plan: RoundPlan, task: int, cfg: DictConfig) -> Shapes:
-    """Names and shapes of the tensors a reply to ``plan`` in ``task`` must carry.
-
-    Mirrors what a client sends (:func:`client_app.statistics.reply_tensors`).
-    """
-    if plan.extra.get("evaluate"):
-        return {key: (task + 1,) for key in EVAL_KEYS}
-    kind = str(plan.extra.get("statistics", "none"))
-    state = plan.state
-    if sends_trained_tensors(plan):
-        return {k: tuple(v.shape) for k, v in state.items() if param_group(k) in plan.train_groups}
-    if kind == ROUND_STATISTICS:
-        factor = next(g for g in plan.train_groups if g.startswith("lora_"))
-        split = make_task_split(state["head.weight"].shape[0], cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed)
-        return summary_shapes(state, factor, split.classes_per_task, cfg.method)
-    if kind == TASK_END_STATISTICS:
-        return task_end_shapes(state, cfg.method)
-    raise choices_error("statistics", kind, list(STATISTICS))
 
 
 def checked_update(node_id: int, content: RecordDict, expected: Shapes, limits: ReplyLimits) -> ClientUpdate:

@@ -11,8 +11,8 @@ aggregation is inexact, which is what FedEx-LoRA, Fed-TaLoRA and LoRM correct.
 
 from __future__ import annotations
 
-from strategies.aggregation import average_updates
 from fedcil.protocol import ClientUpdate, RoundPlan
+from strategies.aggregation import average_updates
 from strategies.base import FederatedStrategy
 
 
@@ -21,8 +21,8 @@ class FedAvgLoRA(FederatedStrategy):
 
     train_groups = ("lora_A", "lora_B", "head")
 
-    def configure_round(self, task: int, server_round: int) -> RoundPlan:
+    def configure_round(self, task: int, round_in_task: int) -> RoundPlan:
         return RoundPlan(state=self.state, train_groups=self.train_groups)
 
-    def aggregate_round(self, task: int, server_round: int, updates: list[ClientUpdate]) -> None:
+    def aggregate_round(self, task: int, round_in_task: int, updates: list[ClientUpdate]) -> None:
         self.state.update(average_updates(updates, list(updates[0].tensors)))

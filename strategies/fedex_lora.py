@@ -13,26 +13,41 @@ adapter ``s B̄ Ā`` is folded into the base first.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
-from fedcil.model import lora_scaling
 from fedcil.protocol import ClientUpdate, RoundPlan, TensorDict
+from fedcil.tasks import TaskSplit
 from strategies.aggregation import average_updates, fresh_adapter, sample_shares
-from strategies.base import FederatedStrategy
+from strategies.base import FederatedStrategy, lora_scaling
 from strategies.residual import ResidualBase, residual_factors
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 class FedExLoRA(FederatedStrategy):
-    """Factor averaging plus the exact residual in the base; a fresh adapter per task."""
+    """Factor averaging plus the exact residual in the base; a fresh adapter per task.
+
+    Parameters
+    ----------
+    initial_state : the trainable state the run starts from.
+    scaling : the LoRA scaling ``s = alpha / rank``.
+    seed : seeds each task's fresh adapter (with the task index).
+    use_residual : fold the residual into the base (exact aggregation); off, this is
+        FedAvg-LoRA with a fresh adapter per task.
+    """
 
     fresh_adapter_per_task = True
 
-    def __init__(self, cfg: DictConfig, initial_state: TensorDict) -> None:
-        super().__init__(cfg, initial_state)
-        self.scaling = lora_scaling(cfg.lora)
+    def __init__(self, initial_state: TensorDict, scaling: float, seed: int, use_residual: bool = True) -> None:
+        super().__init__(initial_state)
+        self.scaling, self.seed, self.use_residual = scaling, seed, use_residual
         self.layers = sorted(k.removesuffix(".lora_A") for k in initial_state if k.endswith(".lora_A"))
         self.residual = ResidualBase()
-        self.use_residual = True
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, split: TaskSplit, initial_state: TensorDict) -> FedExLoRA:
+        return cls(initial_state, scaling=lora_scaling(cfg.lora), seed=int(cfg.seed))
 
     def start_task(self, task: int) -> None:
         if not self.fresh_adapter_per_task:
@@ -41,12 +56,12 @@ class FedExLoRA(FederatedStrategy):
             for layer in self.layers:
                 B, A = self.state[f"{layer}.lora_B"].double(), self.state[f"{layer}.lora_A"].double()
                 self.residual.add(layer, self.scaling * B, A)
-        self.state = fresh_adapter(self.state, int(self.cfg.seed), task)
+        self.state = fresh_adapter(self.state, self.seed, task)
 
-    def configure_round(self, task: int, server_round: int) -> RoundPlan:
+    def configure_round(self, task: int, round_in_task: int) -> RoundPlan:
         return RoundPlan(state=self.state, train_groups=("lora_A", "lora_B", "head"), base=self.residual.message())
 
-    def aggregate_round(self, task: int, server_round: int, updates: list[ClientUpdate]) -> None:
+    def aggregate_round(self, task: int, round_in_task: int, updates: list[ClientUpdate]) -> None:
         if self.use_residual:
             shares = sample_shares(updates)
             for layer in self.layers:

@@ -28,27 +28,67 @@ before one exists. Every solve runs in float64 with a relative ridge (``ridge``)
 
 from __future__ import annotations
 
-import torch
-from omegaconf import DictConfig
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from fedcil.errors import choices_error
+import torch
+
 from fedcil.closed_form import Gram, merge_with_grams, sandwich, times_gram
-from fedcil.model import lora_scaling
-from fedcil.protocol import ClientUpdate, RoundPlan, TensorDict
-from fedcil.tasks import make_task_split
+from fedcil.errors import choices_error
+from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict
+from fedcil.tasks import TaskSplit
 from strategies.aggregation import fresh_adapter, sum_updates
-from strategies.base import FederatedStrategy
+from strategies.base import ClientRound, FederatedStrategy, lora_scaling
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 TRAIN_MATRICES = ("alt", "A", "B")
-ROUND_STATISTICS = "lorm"
-TASK_END_STATISTICS = "gram"
+ROUND_STATISTICS = "lorm"  # a round's request: summaries of the trained factor and the head rows
+TASK_END_STATISTICS = "gram"  # the end-of-task request: the Grams of the final adapter's inputs
+STATISTICS = (ROUND_STATISTICS, TASK_END_STATISTICS)
 
 
-def factor_of_round(train_matrix: str, server_round: int) -> str:
-    """``lora_B`` or ``lora_A``: the factor trained in ``server_round`` of a task."""
+@dataclass(frozen=True)
+class LoRMSettings:
+    """LoRM's own settings (``conf/method/lorm.yaml``).
+
+    Parameters
+    ----------
+    train_matrix : ``alt`` (B, A, B, ...), ``A`` or ``B``: the factor each round trains.
+    gram_alpha : ``a`` of the adapted backbone layers' Grams (0: diagonal only).
+    head_gram_alpha : ``a`` of the head's Gram.
+    ridge : relative ridge of every solve, ``eps = ridge * mean(diag(G))``.
+    """
+
+    train_matrix: str = "alt"
+    gram_alpha: float = 0.0
+    head_gram_alpha: float = 0.5
+    ridge: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.train_matrix not in TRAIN_MATRICES:
+            raise choices_error("method.train_matrix", self.train_matrix, list(TRAIN_MATRICES))
+
+    @classmethod
+    def from_config(cls, method: Mapping[str, Any]) -> LoRMSettings:
+        """The settings under ``method`` in the config."""
+        return cls(
+            str(method["train_matrix"]), float(method["gram_alpha"]), float(method["head_gram_alpha"]), float(method["ridge"])
+        )
+
+
+def factor_of_round(train_matrix: str, round_in_task: int) -> str:
+    """``lora_B`` or ``lora_A``: the factor trained in round ``round_in_task`` of a task."""
     if train_matrix == "alt":
-        return "lora_B" if server_round % 2 == 0 else "lora_A"
+        return "lora_B" if round_in_task % 2 == 0 else "lora_A"
     return f"lora_{train_matrix}"
+
+
+def trained_factor(plan_groups: tuple[str, ...]) -> str:
+    """The LoRA factor among a request's train groups."""
+    return next(g for g in plan_groups if g.startswith("lora_"))
 
 
 def client_summaries(
@@ -83,28 +123,28 @@ def gram_shape(dim: int, alpha: float) -> tuple[int, ...]:
     return (dim,) if alpha == 0.0 else (dim, dim)
 
 
-def summary_shapes(state: TensorDict, factor: str, head_rows: int, method: DictConfig) -> dict[str, tuple[int, ...]]:
+def summary_shapes(state: TensorDict, factor: str, head_rows: int, settings: LoRMSettings) -> Shapes:
     """Names and shapes of :func:`client_summaries` for a model with trainable ``state``."""
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: Shapes = {}
     for key in state:
         if not key.endswith(".lora_A"):
             continue
         layer = key.removesuffix(".lora_A")
         rank, d_in = state[key].shape
         if factor == "lora_A":
-            shapes[f"{layer}.AG"], shapes[f"{layer}.G"] = (rank, d_in), gram_shape(d_in, float(method.gram_alpha))
+            shapes[f"{layer}.AG"], shapes[f"{layer}.G"] = (rank, d_in), gram_shape(d_in, settings.gram_alpha)
         else:
             shapes[f"{layer}.BS"], shapes[f"{layer}.S"] = (state[f"{layer}.lora_B"].shape[0], rank), (rank, rank)
     width = state["head.weight"].shape[1]
     shapes["head.WG"], shapes["head.nb"] = (head_rows, width), (head_rows,)
-    shapes["head.G"] = gram_shape(width, float(method.head_gram_alpha))
+    shapes["head.G"] = gram_shape(width, settings.head_gram_alpha)
     return shapes
 
 
-def task_end_shapes(state: TensorDict, method: DictConfig) -> dict[str, tuple[int, ...]]:
+def task_end_shapes(state: TensorDict, settings: LoRMSettings) -> Shapes:
     """Names and shapes of the end-of-task Grams a client sends (``<layer>.G``)."""
     return {
-        f"{key.removesuffix('.lora_A')}.G": gram_shape(state[key].shape[1], float(method.gram_alpha))
+        f"{key.removesuffix('.lora_A')}.G": gram_shape(state[key].shape[1], settings.gram_alpha)
         for key in state if key.endswith(".lora_A")
     }
 
@@ -112,41 +152,69 @@ def task_end_shapes(state: TensorDict, method: DictConfig) -> dict[str, tuple[in
 class LoRM(FederatedStrategy):
     """Closed-form merging of one LoRA factor per round; Gram-weighted merging across tasks.
 
-    Parameters (``cfg.method``)
+    Parameters
     ----------
-    train_matrix : ``alt`` (B, A, B, ...), ``A`` or ``B``: the factor each round trains.
-    gram_alpha : ``a`` of the adapted backbone layers' Grams (0: diagonal only).
-    head_gram_alpha : ``a`` of the head's Gram.
-    ridge : relative ridge of every solve, ``eps = ridge * mean(diag(G))``.
+    initial_state : the trainable state the run starts from.
+    split : the run's task split (which head rows each task merges).
+    scaling : the LoRA scaling ``s = alpha / rank``.
+    seed : seeds each task's fresh adapter (with the task index).
+    settings : :class:`LoRMSettings`.
     """
 
-    def __init__(self, cfg: DictConfig, initial_state: TensorDict) -> None:
-        super().__init__(cfg, initial_state)
-        self.train_matrix = str(cfg.method.train_matrix)
-        if self.train_matrix not in TRAIN_MATRICES:
-            raise choices_error("method.train_matrix", self.train_matrix, list(TRAIN_MATRICES))
-        self.ridge = float(cfg.method.ridge)
-        self.scaling = lora_scaling(cfg.lora)
-        num_classes = initial_state["head.weight"].shape[0]
-        self.split = make_task_split(num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.class_order, cfg.seed)
+    def __init__(
+        self, initial_state: TensorDict, split: TaskSplit, scaling: float, seed: int, settings: LoRMSettings = LoRMSettings()
+    ) -> None:
+        super().__init__(initial_state)
+        self.split, self.scaling, self.seed, self.settings = split, scaling, seed, settings
+        self.train_matrix, self.ridge = settings.train_matrix, settings.ridge
         self.layers = sorted(k.removesuffix(".lora_A") for k in initial_state if k.endswith(".lora_A"))
         self.task_sums: dict[str, tuple[torch.Tensor, Gram]] = {}  # layer -> (sum_t dW_t G_t, sum_t G_t)
         self.tasks_done = 0
         self.current_gram: dict[str, Gram] = {}
         self.task_finished = False
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig, split: TaskSplit, initial_state: TensorDict) -> LoRM:
+        return cls(initial_state, split, lora_scaling(cfg.lora), int(cfg.seed), LoRMSettings.from_config(cfg.method))
+
+    def expected_reply(self, plan: RoundPlan, task: int) -> Shapes:
+        kind = plan.extra.get("statistics")
+        if kind == ROUND_STATISTICS:
+            return summary_shapes(plan.state, trained_factor(plan.train_groups), self.split.classes_per_task, self.settings)
+        if kind == TASK_END_STATISTICS:
+            return task_end_shapes(plan.state, self.settings)
+        return super().expected_reply(plan, task)
+
+    @classmethod
+    def client_reply(cls, method: Mapping[str, Any], client: ClientRound) -> TensorDict:
+        """A round's summaries (:func:`client_summaries`) or the end of a task's Grams, sent as float32.
+
+        Grams are taken after training, over every token of the client's current-task data;
+        summaries are computed in float64.
+        """
+        settings, request = LoRMSettings.from_config(method), client.request
+        kind = request.extra.get("statistics")
+        if kind == ROUND_STATISTICS:
+            grams = client.input_grams(settings.gram_alpha, settings.head_gram_alpha)
+            factor = trained_factor(request.train_groups)
+            summaries = client_summaries(client.trained, grams, factor, client.task_classes, client.num_examples)
+            return {key: value.float() for key, value in summaries.items()}
+        if kind == TASK_END_STATISTICS:
+            return {f"{layer}.G": gram.float() for layer, gram in client.input_grams(settings.gram_alpha, None).items()}
+        raise choices_error("statistics", kind, list(STATISTICS))
+
     def start_task(self, task: int) -> None:
         """A fresh adapter: B = 0 and A kaiming-uniform (PEFT's init), seeded by the task."""
-        self.state = fresh_adapter(self.state, int(self.cfg.seed), task)
+        self.state = fresh_adapter(self.state, self.seed, task)
         self.current_gram, self.task_finished = {}, False
 
-    def configure_round(self, task: int, server_round: int) -> RoundPlan:
-        factor = factor_of_round(self.train_matrix, server_round)
+    def configure_round(self, task: int, round_in_task: int) -> RoundPlan:
+        factor = factor_of_round(self.train_matrix, round_in_task)
         return RoundPlan(state=self.state, train_groups=(factor, "head"), extra={"statistics": ROUND_STATISTICS})
 
-    def aggregate_round(self, task: int, server_round: int, updates: list[ClientUpdate]) -> None:
+    def aggregate_round(self, task: int, round_in_task: int, updates: list[ClientUpdate]) -> None:
         sums = sum_updates(updates, list(updates[0].tensors))
-        factor = factor_of_round(self.train_matrix, server_round)
+        factor = factor_of_round(self.train_matrix, round_in_task)
         for layer in self.layers:
             key = f"{layer}.{factor}"
             if factor == "lora_A":

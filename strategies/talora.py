@@ -12,17 +12,22 @@ LoRA scaling)::
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from fedcil.protocol import TensorDict
+from fedcil.tasks import TaskSplit
+from strategies.base import lora_scaling
 from strategies.fedex_lora import FedExLoRA
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 class FedTaLoRA(FedExLoRA):
-    """FedEx-LoRA's exact residual on a single adapter kept across tasks (``use_reswu``)."""
+    """FedEx-LoRA's exact residual on a single adapter kept across tasks (``method.use_reswu``)."""
 
     fresh_adapter_per_task = False
 
-    def __init__(self, cfg: DictConfig, initial_state: TensorDict) -> None:
-        super().__init__(cfg, initial_state)
-        self.use_residual = bool(cfg.method.use_reswu)
+    @classmethod
+    def from_config(cls, cfg: DictConfig, split: TaskSplit, initial_state: TensorDict) -> FedTaLoRA:
+        return cls(initial_state, scaling=lora_scaling(cfg.lora), seed=int(cfg.seed), use_residual=bool(cfg.method.use_reswu))

@@ -14,13 +14,13 @@ import torch
 
 from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcil.errors import ConfigError
-from fedcil.launch import APP_DIR, launch
+from fedcil.cli.run import APP_DIR, launch
 
 RUN = ["num_tasks=5", "rounds_per_task=2", "num_clients=3", "local_epochs=4", "backend=inprocess"]
 
 
 def start_run(overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedcil.launch", *overrides], cwd=APP_DIR,
+    return subprocess.Popen([sys.executable, "-m", "fedcil.cli.run", *overrides], cwd=APP_DIR,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -79,7 +79,7 @@ def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
 def test_saving_replaces_the_state_and_leaves_only_its_own_tensors_file(tmp_path):
     """What a kill after the state write leaves behind (an older tensors file) goes at the next save."""
     (tmp_path / "checkpoint-2.safetensors").write_bytes(b"left by a killed run")
-    state = Checkpoint(task=1, server_round=0, accuracy_matrix=[[50.0]], counts=[10], rounds=[{}, {}, {}],
+    state = Checkpoint(task=1, round_in_task=0, accuracy_matrix=[[50.0]], counts=[10], rounds=[{}, {}, {}],
                        rng_state={}, values={"k": 1}, config={"seed": 0})
     save_checkpoint(tmp_path, state, {"w": torch.arange(4.0)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3.safetensors", "checkpoint.json"]

@@ -56,7 +56,7 @@ def test_config_is_read_only(cfg):
 
 
 def test_unknown_backend_fails_before_anything_runs(tmp_path):
-    from fedcil.launch import launch
+    from fedcil.cli.run import launch
 
     with pytest.raises(ConfigError, match="unknown backend 'ray'; valid choices: flower, inprocess"):
         launch("config", ["backend=ray", f"output_dir={tmp_path / 'out'}"])
@@ -96,7 +96,7 @@ def test_every_shipped_preset_and_method_passes_the_checks(preset, method):
 
 
 def test_a_bad_range_stops_fcil_run_before_anything_is_written(tmp_path):
-    from fedcil.launch import main
+    from fedcil.cli.run import main
 
     assert main(["lora.rank=0", f"output_dir={tmp_path / 'out'}"]) == 2
     assert not (tmp_path / "out").exists()

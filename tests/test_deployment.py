@@ -16,7 +16,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client_app.app import node_overrides
-from fedcil.launch import APP_DIR, free_port, launch, listening_process
+from fedcil.cli.run import APP_DIR, free_port, launch, listening_process
 
 pytestmark = pytest.mark.e2e
 
@@ -95,12 +95,21 @@ def test_bad_node_count_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_a_supernode_data_dir_becomes_its_dataset_root():
+def test_a_supernode_data_dir_becomes_its_dataset_root_and_its_partitions_the_client_count():
     context = Context(
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3, "data-dir": "/data/node 0"},
         state=RecordDict(), run_config={"config-name": "config", "overrides": "dataset=fashion_mnist seed=3"},
     )
-    assert node_overrides(context) == ["dataset=fashion_mnist", "seed=3", "dataset.root='/data/node 0'"]
+    assert node_overrides(context) == ["dataset=fashion_mnist", "seed=3", "num_clients=3", "dataset.root='/data/node 0'"]
+
+
+def test_a_run_that_chooses_num_clients_keeps_it_whatever_the_node_config_says():
+    for chosen in ("num_clients=5", "experiment=fmnist_ssl"):  # the preset sets num_clients=10
+        context = Context(
+            run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
+            state=RecordDict(), run_config={"config-name": "config", "overrides": chosen},
+        )
+        assert node_overrides(context) == [chosen]
 
 
 def test_a_supernode_with_an_unregistered_key_is_refused(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedcil.launch import APP_DIR, free_port
+from fedcil.cli.run import APP_DIR, free_port
 
 pytestmark = pytest.mark.e2e
 

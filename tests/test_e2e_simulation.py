@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from fedcil.launch import (
+from fedcil.cli.run import (
     APP_DIR, FlowerSite, flower_env, launch, listening_process, run_status, stop_superlink, superlink_running,
 )
 
@@ -104,3 +106,32 @@ def test_federation_smaller_than_num_clients_fails_clearly(flower_home):
         stop_superlink(site.port)
     assert status == "finished:failed"
     assert "num_clients=3 but the federation has 2 SuperNodes" in details + out.stdout
+
+
+def test_plain_flwr_run_in_the_app_directory_uses_the_default_federation(flower_home):
+    """`flwr run .` with no options, as a Flower user types it: Flower's default federation
+    (2 SuperNodes) runs the quickstart config with 2 clients, since the run does not choose."""
+    site = FlowerSite.from_env()
+    env = flower_env(site)
+    outputs = APP_DIR / "outputs"
+    before = set(outputs.iterdir()) if outputs.is_dir() else set()
+    try:
+        out = subprocess.run(["flwr", "run", "."], env=env, cwd=APP_DIR, capture_output=True, text=True, timeout=120)
+        run_id = re.search(r"Successfully started run (\d+)", out.stdout).group(1)
+        deadline = time.monotonic() + 400
+        status, details = run_status(run_id, env, APP_DIR)
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(2)
+            status, details = run_status(run_id, env, APP_DIR)
+    finally:
+        stop_superlink(site.port)
+    new = sorted(set(outputs.iterdir()) - before) if outputs.is_dir() else []
+    try:
+        assert status == "finished:completed", details
+        assert len(new) == 1
+        results = json.loads((new[0] / "results.json").read_text())
+        assert results["num_clients"] == results["config"]["num_clients"] == 2
+        assert len(results["accuracy_matrix"]) == 5 and all(r["clients"] == 2 for r in results["rounds"])
+    finally:
+        for folder in new:
+            shutil.rmtree(folder)

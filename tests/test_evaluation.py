@@ -12,7 +12,7 @@ from fedcil.config import compose_config
 from fedcil.data import declared_shape, load_dataset
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
-from fedcil.launch import launch
+from fedcil.cli.run import launch
 
 RUN = ["num_tasks=3", "rounds_per_task=2", "num_clients=3", "local_epochs=2", "backend=inprocess"]
 

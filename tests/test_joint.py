@@ -9,7 +9,7 @@ import pytest
 from fedcil.config import compose_config
 from fedcil.errors import ConfigError
 from fedcil.joint import run_joint
-from strategies import build_strategy
+from strategies import method_class
 
 
 def test_joint_learns_every_task_and_writes_the_results_files(tmp_path):
@@ -26,4 +26,4 @@ def test_joint_learns_every_task_and_writes_the_results_files(tmp_path):
 
 def test_a_federated_server_refuses_the_centralised_method():
     with pytest.raises(ConfigError, match="method=joint trains centrally"):
-        build_strategy(compose_config("config", ["method=joint"]), {})
+        method_class(compose_config("config", ["method=joint"]).method.name)

@@ -11,18 +11,21 @@ from fedcil.closed_form import merge_with_grams, regularise_gram
 from fedcil.config import compose_config
 from fedcil.errors import ConfigError
 from fedcil.gram import GramRecorder, compute_grams
-from fedcil.model import adapted_layers, build_model, get_trainable_state, lora_scaling
+from fedcil.model import adapted_layers, build_model, get_trainable_state
 from fedcil.protocol import ClientUpdate
+from fedcil.tasks import make_task_split
 from strategies import build_strategy
-from strategies.lorm import client_summaries, factor_of_round
+from strategies.lorm import LoRM, LoRMSettings, client_summaries, factor_of_round
 
 D_IN, D_OUT, RANK, FEAT, CLASSES = 7, 5, 2, 6, 4
 LAYER = "blocks.0.attn.qkv"
+SCALING = 2.0
 
 
-@pytest.fixture
-def lorm_cfg():
-    return compose_config("config", ["method=lorm", "num_tasks=2", "method.ridge=1e-12"])
+def lorm(seed: int = 0, **settings) -> LoRM:
+    """LoRM on 2 tasks of 2 classes, built without Hydra, with a negligible ridge."""
+    split = make_task_split(CLASSES, 2, None, "natural", seed=0)
+    return LoRM(initial_state(seed), split, SCALING, seed=0, settings=LoRMSettings(**{"ridge": 1e-12, **settings}))
 
 
 def initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,12 +52,12 @@ def gram_of(x: np.ndarray, alpha: float) -> torch.Tensor:
     return regularise_gram(torch.as_tensor(x.T @ x), alpha)
 
 
-def run_round(cfg, factor: str, clients: int, seed: int, alpha: float, head_alpha: float = 1.0):
+def run_round(factor: str, clients: int, seed: int, alpha: float, head_alpha: float = 1.0):
     """One LoRM round over random clients; the strategy and the clients' data."""
     rng = np.random.default_rng(seed)
-    strategy = build_strategy(cfg, initial_state(seed))
-    server_round = 0 if factor == "lora_B" else 1
-    plan = strategy.configure_round(0, server_round)
+    strategy = lorm(seed)
+    round_in_task = 0 if factor == "lora_B" else 1
+    plan = strategy.configure_round(0, round_in_task)
     assert plan.train_groups == (factor, "head") and plan.extra == {"statistics": "lorm"}
     updates, data = [], []
     for k in range(clients):
@@ -65,7 +68,7 @@ def run_round(cfg, factor: str, clients: int, seed: int, alpha: float, head_alph
         updates.append(ClientUpdate(k, summaries, n, 0.0))
         data.append((trained, inputs))
     before = {k: v.clone() for k, v in strategy.state.items()}
-    strategy.aggregate_round(0, server_round, updates)
+    strategy.aggregate_round(0, round_in_task, updates)
     return strategy, before, data
 
 
@@ -84,15 +87,15 @@ def lstsq_factor(before: dict, data: list, factor: str) -> np.ndarray:
 
 @pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_merge_is_the_least_squares_minimiser_of_the_response_error(lorm_cfg, factor, seed):
-    strategy, before, data = run_round(lorm_cfg, factor, clients=4, seed=seed, alpha=1.0)
+def test_merge_is_the_least_squares_minimiser_of_the_response_error(factor, seed):
+    strategy, before, data = run_round(factor, clients=4, seed=seed, alpha=1.0)
     expected = lstsq_factor(before, data, factor)
     np.testing.assert_allclose(strategy.state[f"{LAYER}.{factor}"].numpy(), expected, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_head_rows_are_regmean_and_the_bias_is_sample_weighted(lorm_cfg, seed):
-    strategy, before, data = run_round(lorm_cfg, "lora_B", clients=3, seed=seed, alpha=0.0)
+def test_head_rows_are_regmean_and_the_bias_is_sample_weighted(seed):
+    strategy, before, data = run_round("lora_B", clients=3, seed=seed, alpha=0.0)
     F = np.concatenate([i["head"] for _, i in data])
     Y = np.concatenate([i["head"] @ t["head.weight"][:2].numpy().T for t, i in data])
     np.testing.assert_allclose(strategy.state["head.weight"][:2].numpy(), np.linalg.lstsq(F, Y, rcond=None)[0].T, rtol=1e-6)
@@ -104,9 +107,9 @@ def test_head_rows_are_regmean_and_the_bias_is_sample_weighted(lorm_cfg, seed):
 
 @pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_identical_clients_merge_to_that_client(lorm_cfg, factor, alpha):
+def test_identical_clients_merge_to_that_client(factor, alpha):
     rng = np.random.default_rng(3)
-    strategy = build_strategy(lorm_cfg, initial_state(3))
+    strategy = lorm(3)
     trained, inputs = make_client(rng, strategy.state, factor, rows=30)
     grams = {LAYER: gram_of(inputs["layer"], alpha), "head": gram_of(inputs["head"], 0.5)}
     update = client_summaries(trained, grams, factor, range(0, 2), 15)
@@ -116,9 +119,9 @@ def test_identical_clients_merge_to_that_client(lorm_cfg, factor, alpha):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_full_gram_merge_never_has_more_response_error_than_averaging(lorm_cfg, seed):
+def test_full_gram_merge_never_has_more_response_error_than_averaging(seed):
     for factor in ("lora_A", "lora_B"):
-        strategy, before, data = run_round(lorm_cfg, factor, clients=5, seed=seed, alpha=1.0)
+        strategy, before, data = run_round(factor, clients=5, seed=seed, alpha=1.0)
         A, B = before[f"{LAYER}.lora_A"], before[f"{LAYER}.lora_B"]
         total = sum(i["head"].shape[0] for _, i in data)
         average = sum(len(i["head"]) / total * t[f"{LAYER}.{factor}"] for t, i in data)
@@ -134,11 +137,11 @@ def test_full_gram_merge_never_has_more_response_error_than_averaging(lorm_cfg, 
 
 
 @pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
-def test_diagonal_path_equals_the_full_path_fed_diagonal_grams(lorm_cfg, factor):
+def test_diagonal_path_equals_the_full_path_fed_diagonal_grams(factor):
     results = []
     for as_matrix in (False, True):
         rng = np.random.default_rng(11)
-        strategy = build_strategy(lorm_cfg, initial_state(11))
+        strategy = lorm(11)
         updates = []
         for k in range(3):
             trained, inputs = make_client(rng, strategy.state, factor, rows=20)
@@ -151,10 +154,9 @@ def test_diagonal_path_equals_the_full_path_fed_diagonal_grams(lorm_cfg, factor)
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)
 
 
-def test_cross_task_merge_equals_its_formula(lorm_cfg):
+def test_cross_task_merge_equals_its_formula():
     """W = W0 + (sum_t dW_t G_t)(sum_t G_t)^-1 with dW_t = s B_t A_t, on hand-made tensors."""
-    cfg = compose_config("config", ["method=lorm", "num_tasks=2", "method.gram_alpha=1", "method.ridge=1e-12"])
-    strategy = build_strategy(cfg, initial_state(5))
+    strategy = lorm(5, gram_alpha=1.0)
     rng = np.random.default_rng(5)
     deltas, grams = [], []
     for task in range(2):
@@ -163,24 +165,24 @@ def test_cross_task_merge_equals_its_formula(lorm_cfg):
         strategy.state[f"{LAYER}.lora_B"] = torch.as_tensor(rng.normal(size=(D_OUT, RANK)))
         client_grams = [torch.as_tensor((x := rng.normal(size=(12, D_IN))).T @ x) for _ in range(3)]
         strategy.end_task(task, [ClientUpdate(k, {f"{LAYER}.G": g}, 12, 0.0) for k, g in enumerate(client_grams)])
-        deltas.append(lora_scaling(cfg.lora) * strategy.state[f"{LAYER}.lora_B"].numpy() @ strategy.state[f"{LAYER}.lora_A"].numpy())
+        deltas.append(SCALING * strategy.state[f"{LAYER}.lora_B"].numpy() @ strategy.state[f"{LAYER}.lora_A"].numpy())
         grams.append(sum(g.numpy() for g in client_grams))
     expected = sum(d @ g for d, g in zip(deltas, grams)) @ np.linalg.inv(sum(grams))
     np.testing.assert_allclose(strategy.base_deltas()[LAYER].numpy(), expected, rtol=1e-5, atol=1e-6)
     assert not strategy.evaluation_state()[f"{LAYER}.lora_B"].any()  # the adapter lives in the merged base
 
 
-def test_a_task_alone_merges_to_its_own_adapter(lorm_cfg):
-    strategy = build_strategy(lorm_cfg, initial_state(2))
+def test_a_task_alone_merges_to_its_own_adapter():
+    strategy = lorm(2)
     strategy.start_task(0)
     strategy.state[f"{LAYER}.lora_B"] = torch.randn(D_OUT, RANK, dtype=torch.float64)
     strategy.end_task(0, [ClientUpdate(0, {f"{LAYER}.G": torch.rand(D_IN) + 0.1}, 5, 0.0)])
-    expected = lora_scaling(lorm_cfg.lora) * strategy.state[f"{LAYER}.lora_B"] @ strategy.state[f"{LAYER}.lora_A"]
+    expected = SCALING * strategy.state[f"{LAYER}.lora_B"] @ strategy.state[f"{LAYER}.lora_A"]
     torch.testing.assert_close(strategy.base_deltas()[LAYER].double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_each_task_starts_a_fresh_seeded_adapter_and_rounds_alternate_b_first(lorm_cfg):
-    strategy = build_strategy(lorm_cfg, initial_state(1))
+def test_each_task_starts_a_fresh_seeded_adapter_and_rounds_alternate_b_first():
+    strategy = lorm(1)
     strategy.start_task(0)
     first = strategy.state[f"{LAYER}.lora_A"].clone()
     assert not strategy.state[f"{LAYER}.lora_B"].any()
@@ -188,13 +190,13 @@ def test_each_task_starts_a_fresh_seeded_adapter_and_rounds_alternate_b_first(lo
     strategy.state[f"{LAYER}.lora_B"] += 1
     strategy.start_task(1)
     assert not strategy.state[f"{LAYER}.lora_B"].any() and not torch.equal(first, strategy.state[f"{LAYER}.lora_A"])
-    again = build_strategy(lorm_cfg, initial_state(1))
+    again = lorm(1)
     again.start_task(0)
     assert torch.equal(first, again.state[f"{LAYER}.lora_A"])
     assert [factor_of_round("alt", r) for r in range(5)] == ["lora_B", "lora_A", "lora_B", "lora_A", "lora_B"]
     assert {factor_of_round("A", r) for r in range(3)} == {"lora_A"}
     with pytest.raises(ConfigError, match="train_matrix 'C'; valid choices: A, B, alt"):
-        build_strategy(compose_config("config", ["method=lorm", "method.train_matrix=C"]), initial_state())
+        build_strategy(compose_config("config", ["method=lorm", "method.train_matrix=C"]), make_task_split(CLASSES, 2, None, "natural", 0), initial_state())
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3])

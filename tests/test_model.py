@@ -17,14 +17,13 @@ from fedcil.model import (
     get_trainable_state,
     lora_target_regex,
     model_for,
-    param_group,
-    lora_scaling,
     resolve_device,
     set_base_deltas,
     set_trainable_state,
     trainable_parameters,
 )
-from fedcil.protocol import TrainRequest
+from fedcil.protocol import TrainRequest, param_group
+from strategies.base import lora_scaling
 
 
 def make(cfg, **lora):
@@ -138,7 +137,7 @@ def test_a_client_round_changes_only_the_requested_groups(cfg):
     set_base_deltas(model, {})  # the cached model may hold an earlier evaluation's merged base
     start = get_trainable_state(model)
     frozen = backbone_weights(model)
-    request = TrainRequest(task=1, server_round=0, state=start, train_groups=("lora_B", "head"), extra={})
+    request = TrainRequest(task=1, round_in_task=0, state=start, train_groups=("lora_B", "head"), extra={})
     tensors, num_examples, loss = run_local_round(cfg, request, partition_id=2, num_partitions=cfg.num_clients)
     assert set(tensors) == {k for k in start if param_group(k) in ("lora_B", "head")}
     assert num_examples == len(experiment_for(cfg).client_indices(1, 2)) and loss > 0
@@ -152,7 +151,7 @@ def test_a_client_round_changes_only_the_requested_groups(cfg):
 
 
 def test_client_rejects_a_federation_of_the_wrong_size(cfg):
-    request = TrainRequest(task=0, server_round=0, state={}, train_groups=("head",), extra={})
+    request = TrainRequest(task=0, round_in_task=0, state={}, train_groups=("head",), extra={})
     with pytest.raises(ConfigError, match="num-partitions=3 != config num_clients=5"):
         run_local_round(cfg, request, partition_id=0, num_partitions=3)
 

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from fedcil.report import build_report, flatten, main
+from fedcil.cli.report import main
+from fedcil.report import build_report, flatten
 
 
 def fake_results(method: str, beta: float, seed: int, faa: float) -> dict:

@@ -9,9 +9,12 @@ import torch
 from client_app.local_round import run_local_round
 from fedcil.config import compose_config
 from fedcil.experiment import experiment_for
-from fedcil.model import adapted_layers, lora_scaling, model_for, set_base_deltas
+from fedcil.model import adapted_layers, model_for, set_base_deltas
 from fedcil.protocol import ClientUpdate, TrainRequest, decode_request, encode_request, unpack_base
-from strategies import build_strategy
+from fedcil.tasks import split_for
+from strategies.ffa_lora import FFALoRA
+from strategies.fedex_lora import FedExLoRA
+from strategies.talora import FedTaLoRA
 from strategies.residual import ResidualBase, residual_factors
 
 LAYER, D_OUT, D_IN, RANK = "blocks.0.attn.qkv", 9, 6, 2
@@ -30,16 +33,15 @@ def state(rng: np.random.Generator) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("seed", range(4))
 def test_reswu_makes_the_global_model_the_exact_average_of_the_clients(method, seed):
     """W0_new + s B̄ Ā == W0_old + s sum_k p_k B_k A_k, to 1e-9 relative, round after round."""
-    cfg = compose_config("config", [f"method={method}"])
     rng = np.random.default_rng(seed)
-    strategy = build_strategy(cfg, state(rng))
-    s = lora_scaling(cfg.lora)
+    s = 2.0
+    strategy = {"fedex_lora": FedExLoRA, "talora": FedTaLoRA}[method](state(rng), scaling=s, seed=0)
     strategy.start_task(0)
-    for server_round in range(3):
+    for round_in_task in range(3):
         before = strategy.base_deltas().get(LAYER, torch.zeros(D_OUT, D_IN, dtype=torch.float64))
         counts = rng.integers(1, 50, size=4)
         updates = [ClientUpdate(k, state(rng), int(n), 0.0) for k, n in enumerate(counts)]
-        strategy.aggregate_round(0, server_round, updates)
+        strategy.aggregate_round(0, round_in_task, updates)
         p = counts / counts.sum()
         target = before.numpy() + s * sum(pk * (u.tensors[f"{LAYER}.lora_B"] @ u.tensors[f"{LAYER}.lora_A"]).numpy() for pk, u in zip(p, updates))
         got = strategy.base_deltas()[LAYER].numpy() + s * (strategy.state[f"{LAYER}.lora_B"] @ strategy.state[f"{LAYER}.lora_A"]).numpy()
@@ -47,9 +49,8 @@ def test_reswu_makes_the_global_model_the_exact_average_of_the_clients(method, s
 
 
 def test_without_reswu_talora_is_plain_factor_averaging():
-    cfg = compose_config("config", ["method=talora", "method.use_reswu=false"])
     rng = np.random.default_rng(0)
-    strategy = build_strategy(cfg, state(rng))
+    strategy = FedTaLoRA(state(rng), scaling=2.0, seed=0, use_residual=False)
     strategy.aggregate_round(0, 0, [ClientUpdate(k, state(rng), 3, 0.0) for k in range(3)])
     assert strategy.base_deltas() == {} and strategy.configure_round(0, 1).base == {}
 
@@ -80,9 +81,8 @@ def test_factored_residual_equals_the_dense_one_and_switches_form_when_smaller()
 
 
 def test_ffa_lora_trains_only_b_and_its_merge_is_exact():
-    cfg = compose_config("config", ["method=ffa_lora"])
     rng = np.random.default_rng(2)
-    strategy = build_strategy(cfg, state(rng))
+    strategy = FFALoRA(state(rng))
     A = strategy.state[f"{LAYER}.lora_A"].clone()
     plan = strategy.configure_round(0, 0)
     assert plan.train_groups == ("lora_B", "head")
@@ -101,7 +101,7 @@ def test_a_client_that_missed_rounds_gets_the_same_base(cfg):
     data = experiment_for(fedex).data
     model = model_for(fedex, data.num_classes, data.in_chans, data.image_size)
     set_base_deltas(model, {})
-    strategy = build_strategy(fedex, model.initial_state)
+    strategy = FedExLoRA.from_config(fedex, split_for(fedex, data.num_classes), model.initial_state)
     strategy.start_task(0)
     plan = strategy.configure_round(0, 0)
     request = TrainRequest(0, 0, plan.state, plan.train_groups, {}, plan.base)

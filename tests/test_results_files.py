@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from fedcil.results import atomic_file, write_atomic
+from fedcil.files import atomic_file, write_atomic
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

@@ -9,7 +9,8 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedcil.errors import ConfigError
 from fedcil.protocol import ClientUpdate, RoundPlan, decode_reply, decode_request, encode_reply, encode_request
-from strategies import METHODS, build_strategy
+from strategies import METHODS
+from strategies.fedavg_lora import FedAvgLoRA
 
 
 def random_state(seed: int) -> dict[str, torch.Tensor]:
@@ -22,9 +23,9 @@ def random_state(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_fedavg_lora_is_the_sample_weighted_mean_of_each_tensor(cfg):
-    strategy = build_strategy(cfg, random_state(0))
-    plan = strategy.configure_round(task=0, server_round=0)
+def test_fedavg_lora_is_the_sample_weighted_mean_of_each_tensor():
+    strategy = FedAvgLoRA(random_state(0))
+    plan = strategy.configure_round(task=0, round_in_task=0)
     assert set(plan.train_groups) == {"lora_A", "lora_B", "head"} and set(plan.state) == set(random_state(0))
     counts = [3, 10, 1]
     updates = [ClientUpdate(node_id=k, tensors=random_state(k + 1), num_examples=n, loss=0.0) for k, n in enumerate(counts)]
@@ -35,8 +36,8 @@ def test_fedavg_lora_is_the_sample_weighted_mean_of_each_tensor(cfg):
         np.testing.assert_allclose(strategy.state[key].numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_fedavg_of_identical_clients_is_that_client(cfg):
-    strategy = build_strategy(cfg, random_state(0))
+def test_fedavg_of_identical_clients_is_that_client():
+    strategy = FedAvgLoRA(random_state(0))
     same = random_state(7)
     strategy.aggregate_round(0, 0, [ClientUpdate(k, same, n, 0.0) for k, n in enumerate([1, 5, 9])])
     assert all(torch.allclose(strategy.state[k], same[k]) for k in same)
@@ -51,7 +52,7 @@ def test_request_and_reply_survive_serialisation():
     state = random_state(3)
     request = encode_request(RoundPlan(state=state, train_groups=("lora_B", "head"), extra={"alpha": 0.5}), 2, 4)
     decoded = decode_request(recorddict_from_proto(recorddict_to_proto(request)))
-    assert (decoded.task, decoded.server_round, decoded.train_groups) == (2, 4, ("lora_B", "head"))
+    assert (decoded.task, decoded.round_in_task, decoded.train_groups) == (2, 4, ("lora_B", "head"))
     assert decoded.extra == {"alpha": 0.5}
     assert all(torch.equal(decoded.state[k], v) for k, v in state.items())
     reply = encode_reply(state, num_examples=42, loss=0.25)

@@ -19,12 +19,13 @@ from client_app.local_round import answer_request
 from fedcil.checkpoint import load_checkpoint
 from fedcil.config import compose_config, to_container
 from fedcil.data import declared_shape
-from fedcil.launch import FlowerSite, launch
+from fedcil.cli.run import FlowerSite, launch
 from fedcil.model import model_for
 from fedcil.protocol import encode_request
-from server_app.inprocess import inprocess_sender, run_inprocess
+from fedcil.cli.inprocess import inprocess_sender, run_inprocess
 from server_app.loop import TooFewReplies, run_rounds
-from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped, expected_tensors
+from fedcil.tasks import split_for
+from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped
 from strategies import build_strategy
 
 ADVERSARIAL_APP = Path(__file__).resolve().parent / "adversarial_app"
@@ -39,11 +40,12 @@ def honest_exchange(method: str, *extra: str):
     """(cfg, plan, expected shapes, an honest client's reply) for the first round of ``method``."""
     cfg = compose_config("config", [*TINY, f"method={method}", *extra])
     shape = declared_shape(cfg.dataset)
-    strategy = build_strategy(cfg, model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size).initial_state)
+    model = model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size)
+    strategy = build_strategy(cfg, split_for(cfg, shape.num_classes), model.initial_state)
     strategy.start_task(0)
     plan = strategy.configure_round(0, 0)
     reply = answer_request(cfg, encode_request(plan, 0, 0), 1, cfg.num_clients)
-    return cfg, plan, expected_tensors(plan, 0, cfg), reply
+    return cfg, plan, strategy.expected_reply(plan, 0), reply
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +201,11 @@ def adversarial_sender(cfg, victim: int = 0, from_round: int = 0):
     """The in-process sender, with ``victim``'s training replies corrupted (attacks in turn) from a round on."""
     honest = inprocess_sender(cfg)
 
-    def send(plan, task, server_round, nodes):
-        result = honest(plan, task, server_round, nodes)
-        position = task * cfg.rounds_per_task + server_round
+    def send(plan, task, round_in_task, nodes):
+        result = honest(plan, task, round_in_task, nodes)
+        position = task * cfg.rounds_per_task + round_in_task
         if not plan.extra.get("evaluate") and position >= from_round:
-            attack = attack_of(task, server_round, cfg.rounds_per_task)
+            attack = attack_of(task, round_in_task, cfg.rounds_per_task)
             result.replies = [(n, corrupt(c, attack) if n == victim else c) for n, c in result.replies]
         return result
 
@@ -214,8 +216,8 @@ def without_node(cfg, victim: int = 0):
     """The in-process sender whose node ``victim`` never answers: the reference for an excluded client."""
     honest = inprocess_sender(cfg)
 
-    def send(plan, task, server_round, nodes):
-        result = honest(plan, task, server_round, [n for n in nodes if n != victim])
+    def send(plan, task, round_in_task, nodes):
+        result = honest(plan, task, round_in_task, [n for n in nodes if n != victim])
         result.failed[victim] = "left out"
         return result
 
@@ -227,7 +229,7 @@ def test_too_few_valid_replies_stop_the_run_and_keep_the_last_checkpoint(tmp_pat
     with pytest.raises(TooFewReplies, match="2 valid client replies, min_replies=3 needed"):
         run_rounds(adversarial_sender(cfg, from_round=2), [0, 1, 2], cfg)
     checkpoint, _ = load_checkpoint(tmp_path / "run", to_container(cfg))
-    assert (checkpoint.task, checkpoint.server_round) == (0, 1)
+    assert (checkpoint.task, checkpoint.round_in_task) == (0, 1)
     resumed = compose_config("config", [*TINY, "min_replies=3", f"resume={tmp_path / 'run'}", f"output_dir={tmp_path / 'run'}"])
     whole = run_inprocess(compose_config("config", [*TINY, f"output_dir={tmp_path / 'whole'}"]))
     assert run_inprocess(resumed)["accuracy_matrix"] == whole["accuracy_matrix"]
@@ -259,8 +261,8 @@ def boosting_sender(cfg, factor: float, victim: int = 0):
     """
     honest = inprocess_sender(cfg)
 
-    def send(plan, task, server_round, nodes):
-        result = honest(plan, task, server_round, nodes)
+    def send(plan, task, round_in_task, nodes):
+        result = honest(plan, task, round_in_task, nodes)
         if not plan.extra.get("evaluate"):
             boosted = []
             for node, content in result.replies:

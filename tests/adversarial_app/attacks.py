@@ -30,6 +30,6 @@ def corrupt(content: RecordDict, attack: str) -> RecordDict:
     return RecordDict({"update": ArrayRecord(tensors), "metrics": MetricRecord(metrics)})
 
 
-def attack_of(task: int, server_round: int, rounds_per_task: int) -> str:
+def attack_of(task: int, round_in_task: int, rounds_per_task: int) -> str:
     """The attack of one round: every attack in turn over the run's rounds."""
-    return ATTACKS[(task * rounds_per_task + server_round) % len(ATTACKS)]
+    return ATTACKS[(task * rounds_per_task + round_in_task) % len(ATTACKS)]

@@ -56,8 +56,8 @@ def pooled_answer(cfg: DictConfig, content: RecordDict, partition_id: int) -> Re
 def inprocess_sender(cfg: DictConfig, executor: Executor | None = None) -> Send:
     """A :data:`server_app.loop.Send` whose node ``k`` is partition ``k``, trained here or in ``executor``."""
 
-    def send(plan: RoundPlan, task: int, server_round: int, nodes: list[int]) -> RoundExchange:
-        content = encode_request(plan, task, server_round)
+    def send(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
+        content = encode_request(plan, task, round_in_task)
         if executor is None:
             with client_threads(cfg):
                 replies = [answer_request(cfg, content, n, cfg.num_clients) for n in nodes]

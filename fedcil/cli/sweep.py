@@ -2,7 +2,7 @@
 
     fcil-sweep -m method=fedavg_lora partition.beta=0.05,0.5 seed=0,1,2
 
-Each job runs through :func:`fedcil.launch.launch` on its own private Flower site (home
+Each job runs through :func:`fedcil.cli.run.launch` on its own private Flower site (home
 directory and SuperLink port), so jobs never share a SuperLink and Hydra's parallel
 launchers can run them side by side. A job writes its results files into its Hydra job
 directory (``<hydra.sweep.dir>/<overrides>``); a failing job writes ``error.json`` there
@@ -23,8 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedcil.config import CONF_DIR, compose_config, quote_value, to_container
-from fedcil.launch import FlowerSite, launch, with_pretrained_path
-from fedcil.results import write_atomic
+from fedcil.cli.run import FlowerSite, launch, with_pretrained_path
+from fedcil.files import write_atomic
 
 FAILED_JOBS: list[str] = []
 

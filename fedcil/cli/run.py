@@ -33,12 +33,12 @@ import psutil
 import tomli_w
 from omegaconf import DictConfig
 
-from fedcil.config import compose_config, override_values, quote_value
+from fedcil.config import chooses_num_clients, compose_config, override_values, quote_value
 from fedcil.errors import ConfigError
 from fedcil.results import default_output_dir
 from fedcil.settings import check_settings
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_PORT = 39091
 
 
@@ -166,10 +166,12 @@ def launch(
         run_joint(compose_config(config_name, overrides), log=lambda m: print(m, flush=True))
         return out
     if cfg.backend == "inprocess":  # the same loop and clients, without Flower's runtime
-        from server_app.inprocess import run_inprocess
+        from fedcil.cli.inprocess import run_inprocess
 
         run_inprocess(compose_config(config_name, overrides))
         return out
+    if not chooses_num_clients(overrides):  # the federation started here has cfg.num_clients SuperNodes
+        overrides.append(f"num_clients={cfg.num_clients}")
     site = site or FlowerSite.from_env()
     site.home.mkdir(parents=True, exist_ok=True)
     env = flower_env(site)

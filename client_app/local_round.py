@@ -6,6 +6,7 @@ Nothing here is specific to a method: after local training the method's own clie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -13,11 +14,13 @@ import torch
 from flwr.app import RecordDict
 from omegaconf import DictConfig
 
+from fedcil.augment import CropFlip
 from fedcil.closed_form import Gram
 from fedcil.errors import ConfigError
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.gram import compute_grams
-from fedcil.model import FCILModel, adapted_layers, get_trainable_state, model_for, resolve_device, set_base_deltas, set_trainable_state
+from fedcil.data import iterate_batches
+from fedcil.model import FCILModel, adapted_layers, get_trainable_state, model_for, resolve_device, set_base_deltas, set_sent_state
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
 from fedcil.training import TrainSettings, correct_per_task, train_local
 from strategies import ClientRound, method_class
@@ -30,14 +33,40 @@ def round_seed(seed: int, task: int, round_in_task: int, partition_id: int) -> i
 
 def input_grams(
     model: FCILModel, experiment: Experiment, indices: np.ndarray, batch_size: int, device: torch.device,
-    layer_alpha: float, head_alpha: float | None,
+    views: Callable[[torch.Tensor], torch.Tensor] | None, layer_alpha: float, head_alpha: float | None,
 ) -> dict[str, Gram]:
-    """Regularised Grams of the adapted layers' inputs over ``indices`` (and the head's, unless ``head_alpha`` is None)."""
+    """Regularised Grams of the adapted layers' inputs over ``indices`` (and the head's, unless ``head_alpha`` is None).
+
+    ``views`` (if any) augments the images first.
+    """
     modules = dict(adapted_layers(model))
     alphas = {name: layer_alpha for name in modules}
     if head_alpha is not None:
         modules["head"], alphas["head"] = model.head, head_alpha
-    return compute_grams(model, modules, alphas, experiment.data.train, indices, batch_size, device)
+    return compute_grams(model, modules, alphas, experiment.data.train, indices, batch_size, device, views)
+
+
+def gram_views(cfg: DictConfig, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The training augmentation for the Gram pass (``augment.in_grams``), seeded; None when off."""
+    if not (cfg.augment.enabled and cfg.augment.in_grams):
+        return None
+    crop, generator = CropFlip.from_config(cfg.augment), torch.Generator().manual_seed(seed)
+    return lambda images: crop(images, generator)
+
+
+@torch.no_grad()
+def head_features(
+    model: FCILModel, experiment: Experiment, indices: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head sees for the images ``indices`` (float64, on the CPU) and their labels (task split's)."""
+    model.to(device).eval()
+    features, labels = [], []
+    for images, raw in iterate_batches(experiment.data.train, indices, batch_size):
+        features.append(model.head_inputs(images.to(device)).to(torch.float64).cpu())
+        labels.append(experiment.label_map[raw])
+    if not features:
+        return torch.zeros(0, model.head.in_features, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(features), torch.cat(labels)
 
 
 def run_local_round(
@@ -58,7 +87,7 @@ def run_local_round(
     experiment = experiment_for(cfg)
     data = experiment.data
     model = model_for(cfg, data.num_classes, data.in_chans, data.image_size)
-    set_trainable_state(model, request.state)
+    set_sent_state(model, request.state)
     set_base_deltas(model, unpack_base(request.base))
     device = resolve_device(cfg.device)
     if request.extra.get("evaluate"):
@@ -67,14 +96,8 @@ def run_local_round(
         tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in ((EVAL_CORRECT, correct), (EVAL_COUNT, counts))}
         return tensors, len(shard), 0.0
     indices = experiment.client_indices(request.task, partition_id)
-    settings = TrainSettings(
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        optimizer=cfg.optimizer,
-        momentum=cfg.momentum,
-        seed=round_seed(cfg.seed, request.task, request.round_in_task, partition_id),
-    )
+    seed = round_seed(cfg.seed, request.task, request.round_in_task, partition_id)
+    settings = TrainSettings.from_config(cfg, epochs=cfg.local_epochs, seed=seed)
     loss = 0.0
     if request.train_groups:
         loss = train_local(
@@ -92,7 +115,8 @@ def run_local_round(
         trained=get_trainable_state(model),
         num_examples=len(indices),
         task_classes=experiment.split.task_classes(request.task),
-        input_grams=partial(input_grams, model, experiment, indices, cfg.eval_batch_size, device),
+        input_grams=partial(input_grams, model, experiment, indices, cfg.eval_batch_size, device, gram_views(cfg, seed + 1)),
+        head_features=partial(head_features, model, experiment, indices, cfg.eval_batch_size, device),
     )
     return method_class(cfg.method.name).client_reply(cfg.method, client), len(indices), loss
 

@@ -8,6 +8,8 @@ diagonal ``sum x_j^2`` (a vector), never the dense ``d x d`` matrix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -55,13 +57,15 @@ def compute_grams(
     indices: np.ndarray,
     batch_size: int,
     device: torch.device,
+    views: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Gram]:
-    """Regularised input Grams of ``modules`` over the images ``indices`` of ``dataset``."""
+    """Regularised input Grams of ``modules`` over the images ``indices`` of ``dataset``
+    (through ``views`` first, e.g. the training augmentation, if given)."""
     model.to(device).eval()
     recorder = GramRecorder(modules, alphas)
     try:
         for images, _ in iterate_batches(dataset, indices, batch_size):
-            model(images.to(device))
+            model((images if views is None else views(images)).to(device))
     finally:
         recorder.close()
     return recorder.grams()

@@ -36,10 +36,7 @@ def run_joint(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     for task in range(experiment.num_tasks):
         step_start = time.monotonic()
         indices = np.flatnonzero((task_of >= 0) & (task_of <= task))
-        settings = TrainSettings(
-            epochs=cfg.rounds_per_task * cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-            optimizer=cfg.optimizer, momentum=cfg.momentum, seed=cfg.seed + task,
-        )
+        settings = TrainSettings.from_config(cfg, epochs=cfg.rounds_per_task * cfg.local_epochs, seed=cfg.seed + task)
         loss = train_local(model, data.train, indices, experiment.label_map, range(experiment.split.num_seen(task)),
                            ["lora_A", "lora_B", "head"], settings, device)
         per_task, counts = evaluate_seen_tasks(model, experiment, task, cfg.eval_batch_size, device)

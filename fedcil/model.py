@@ -20,7 +20,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedcil.errors import ConfigError
+from fedcil.errors import ConfigError, choices_error
+from fedcil.settings import HEAD_INITS
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 _PEFT_NAME = re.compile(r"^backbone\.(?P<module>.+)\.(?P<factor>lora_[AB])\.default\.weight$")
@@ -55,12 +56,23 @@ def lora_target_regex(targets: list[str], blocks: list[int] | None) -> str:
 
 
 class FCILModel(nn.Module):
-    """Resize + normalise, frozen backbone (with LoRA), linear head over all classes."""
+    """Resize + normalise, frozen backbone (with LoRA), optional random feature map, linear head.
 
-    def __init__(self, backbone: nn.Module, num_classes: int, img_size: int) -> None:
+    With ``projection_dim = M > 0`` the head sees ``ReLU(R h)`` instead of the backbone's
+    features ``h``, for a fixed random ``R`` (``M x d``, drawn from torch's global RNG:
+    callers seed it), as RanPAC does before its analytic classifier.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, img_size: int, projection_dim: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        width = backbone.num_features
+        if projection_dim > 0:
+            self.register_buffer("projection", torch.randn(projection_dim, width))
+            width = projection_dim
+        else:
+            self.projection = None
+        self.head = nn.Linear(width, num_classes)
         cfg = backbone.pretrained_cfg
         chans = backbone.patch_embed.proj.in_channels
         mean = torch.tensor(cfg.get("mean", (0.5,) * 3))[:chans] if chans <= 3 else torch.full((chans,), 0.5)
@@ -77,9 +89,14 @@ class FCILModel(nn.Module):
             images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         return self.backbone((images - self.mean) / self.std)
 
+    def head_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the head sees: the features, or ``ReLU(R h)`` with a random feature map."""
+        features = self.features(images)
+        return features if self.projection is None else F.relu(features @ self.projection.T)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits over every class; callers slice the classes they predict over."""
-        return self.head(self.features(images))
+        return self.head(self.head_inputs(images))
 
 
 def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
@@ -112,21 +129,28 @@ def model_img_size(model_cfg: DictConfig, image_size: int) -> int:
 def create_backbone(model_cfg: DictConfig, in_chans: int, image_size: int) -> nn.Module:
     """The timm backbone (no classifier), initialised from torch's global RNG (callers seed it).
 
-    ``model.pretrained`` takes timm's hub weights; ``model.pretrained_path`` then loads a
-    local checkpoint strictly. ``model.ssl`` needs a path (``fcil-run`` fills it in).
+    ``model.pretrained`` takes timm's hub weights, unless ``model.pretrained_path`` names a
+    local checkpoint, which is loaded strictly instead. ``model.ssl`` needs a path (``fcil-run`` fills it in).
     """
     img_size = model_img_size(model_cfg, image_size)
     patch = auto_patch_size(img_size) if model_cfg.patch_size == "auto" else int(model_cfg.patch_size)
     kwargs = dict(OmegaConf.to_container(model_cfg.kwargs, resolve=True))
+    from_hub = bool(model_cfg.pretrained) and not model_cfg.pretrained_path  # a local checkpoint replaces them
     try:
         backbone = timm.create_model(
-            model_cfg.name, pretrained=bool(model_cfg.pretrained), num_classes=0,
+            model_cfg.name, pretrained=from_hub, num_classes=0,
             img_size=img_size, patch_size=patch, in_chans=in_chans, **kwargs,
         )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ConfigError(f"unknown timm model {model_cfg.name!r}; see timm.list_models('vit_*')") from None
         raise
+    except OSError as exc:  # the hub unreachable, or the weights not in its cache
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"model.pretrained=true: timm's weights for {model_cfg.name!r} could not be fetched ({reason}); "
+            "offline, pass a local checkpoint with model.pretrained_path=/abs/path/backbone.safetensors"
+        ) from None
     if model_cfg.pretrained_path:
         load_backbone_checkpoint(backbone, model_cfg.pretrained_path)
     elif model_cfg.ssl:
@@ -135,6 +159,15 @@ def create_backbone(model_cfg: DictConfig, in_chans: int, image_size: int) -> nn
             "or reuse the cached checkpoint), or run fcil-pretrain and pass the path it prints"
         )
     return backbone
+
+
+def init_head(head: nn.Linear, scheme: str) -> None:
+    """``torch``: ``nn.Linear``'s own initialisation (kept); ``timm``: truncated normal (std 0.02), zero bias."""
+    if scheme not in HEAD_INITS:
+        raise choices_error("model.head_init", scheme, list(HEAD_INITS))
+    if scheme == "timm":
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
 
 
 def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, in_chans: int, image_size: int, seed: int) -> FCILModel:
@@ -152,7 +185,8 @@ def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, i
             backbone = inject_adapter_in_model(lora, backbone)
         except ValueError as exc:
             raise ConfigError(f"no LoRA target matched (lora.blocks={blocks}): {str(exc).splitlines()[0]}") from None
-        model = FCILModel(backbone, num_classes, model_img_size(model_cfg, image_size))
+        model = FCILModel(backbone, num_classes, model_img_size(model_cfg, image_size), int(model_cfg.projection_dim))
+        init_head(model.head, str(model_cfg.head_init))
     model.initial_state = get_trainable_state(model)
     model.eval()
     return model
@@ -203,6 +237,14 @@ def set_base_deltas(model: FCILModel, deltas: dict[str, torch.Tensor]) -> None:
 def get_trainable_state(model: FCILModel) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the trainable state."""
     return {k: v.detach().cpu().clone() for k, v in trainable_parameters(model).items()}
+
+
+def set_sent_state(model: FCILModel, state: dict[str, torch.Tensor]) -> None:
+    """Load the trainable tensors a message names; every other one takes its initial value.
+
+    A method that never moves some tensors (e.g. ``head_only``'s adapters) need not send them.
+    """
+    set_trainable_state(model, {**model.initial_state, **state})
 
 
 def set_trainable_state(model: FCILModel, state: dict[str, torch.Tensor]) -> None:

@@ -94,16 +94,19 @@ def finish_run(
     rounds: list[dict],
     timing: tuple[float, float, float],
     log: Callable[[str], None],
+    diagnostics: dict | None = None,
 ) -> dict[str, Any]:
     """The end of every run (federated or ``joint``): build the record, write the files, print the table.
 
     ``timing`` is ``(started, started_at, setup_seconds)``: ``time.monotonic()`` and
-    ``time.time()`` at the start, and the seconds before the first round.
+    ``time.time()`` at the start, and the seconds before the first round. ``diagnostics``
+    (per-task accuracies of other views of the final model) go into ``results.json``.
     """
     from fedcil.metrics import summary
 
     started, started_at, setup_seconds = timing
     results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds)
+    results["diagnostics"] = diagnostics or {}
     write_results(output_dir, results)
     log(f"accuracy (%) per task:\n{format_accuracy_table(accuracy_matrix, summary(accuracy_matrix, counts))}")
     log(f"results written to {output_dir}")

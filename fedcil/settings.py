@@ -16,7 +16,16 @@ from fedcil.data import declared_shape
 from fedcil.errors import ConfigError, choices_error
 from fedcil.tasks import split_for
 
-CHOICES = {"backend": ("flower", "inprocess"), "evaluation": ("server", "clients")}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+HEAD_INITS = ("torch", "timm")
+CHOICES = {
+    "backend": ("flower", "inprocess"),
+    "evaluation": ("server", "clients"),
+    "optimizer": OPTIMIZERS,
+    "precision": PRECISIONS,
+    "model.head_init": HEAD_INITS,
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ RANGES: dict[str, Range] = {
     "batch_size": at_least(1),
     "eval_batch_size": at_least(1),
     "lr": positive(),
+    "weight_decay": at_least(0, float),
     "momentum": Range(float, low=0, high=1, high_open=True),
     "fraction_train": FRACTION,
     "client_resources.num_cpus": positive(),
@@ -95,6 +105,7 @@ RANGES: dict[str, Range] = {
     "method.gram_alpha": UNIT,
     "method.head_gram_alpha": UNIT,
     "method.ridge": at_least(0, float),
+    "method.projection_dim": at_least(0),
     "dataset.test_fraction": Range(float, low=0, high=1, low_open=True, high_open=True),
     "pretrain.epochs": at_least(1),
     "pretrain.batch_size": at_least(2),
@@ -106,8 +117,8 @@ RANGES: dict[str, Range] = {
 def check_settings(cfg: DictConfig) -> None:
     """Raise a one-line :class:`ConfigError` for the first setting outside its choices or range."""
     for key, valid in CHOICES.items():
-        if cfg[key] not in valid:
-            raise choices_error(key, cfg[key], list(valid))
+        if OmegaConf.select(cfg, key) not in valid:
+            raise choices_error(key, OmegaConf.select(cfg, key), list(valid))
     for key, allowed in RANGES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value != "__absent__" and not allowed.allows(value):

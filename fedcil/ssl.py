@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fedcil.augment import CropFlip, uniform
 from fedcil.data import ArrayDataset, ImageData, iterate_batches, load_dataset
 from fedcil.errors import ConfigError
 from fedcil.model import FCILModel, create_backbone, model_img_size, resolve_device
@@ -35,34 +36,18 @@ from fedcil.files import atomic_file, write_atomic
 
 CHECKPOINT = "backbone.safetensors"
 SETTINGS = "pretrain.json"
+NOT_BACKBONE = ("pretrained_path", "ssl", "head_init", "projection_dim")  # model settings a checkpoint does not depend on
+NOT_DATA = ("root", "download")  # where the data set lives: its content is hashed instead
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained"  # checkpoints that come with the repository
 
 
 def random_views(images: torch.Tensor, aug: DictConfig, generator: torch.Generator) -> torch.Tensor:
-    """A batch of random views: resized crop, horizontal flip, brightness and contrast.
-
-    Batched with one affine sampling grid per image, so augmentation costs a few tensor
-    operations per batch rather than a Python loop over images.
-    """
+    """A batch of random views: resized crop, horizontal flip (:class:`CropFlip`), brightness and contrast."""
     n = images.shape[0]
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator)
-
-    area = uniform(*aug.crop_scale)
-    log_ratio = uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1]))
-    width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-    height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
-    shift_x = (2 * torch.rand(n, generator=generator) - 1) * (1 - width)
-    shift_y = (2 * torch.rand(n, generator=generator) - 1) * (1 - height)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if aug.flip else torch.ones(n)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = width * flip, shift_x
-    theta[:, 1, 1], theta[:, 1, 2] = height, shift_y
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    views = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    views = views * uniform(1 - aug.brightness, 1 + aug.brightness).view(n, 1, 1, 1)
+    views = CropFlip.from_config(aug)(images, generator)
+    views = views * uniform(n, 1 - aug.brightness, 1 + aug.brightness, generator).view(n, 1, 1, 1)
     mean = views.mean(dim=(1, 2, 3), keepdim=True)
-    views = (views - mean) * uniform(1 - aug.contrast, 1 + aug.contrast).view(n, 1, 1, 1) + mean
+    views = (views - mean) * uniform(n, 1 - aug.contrast, 1 + aug.contrast, generator).view(n, 1, 1, 1) + mean
     return views.clamp(0.0, 1.0)
 
 
@@ -127,9 +112,11 @@ def checkpoint_settings(cfg: DictConfig, data: ImageData) -> dict:
     pretrain = OmegaConf.to_container(cfg.pretrain, resolve=True)
     pretrain.pop("cache_dir")
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("pretrained_path", "ssl"):
+    for key in NOT_BACKBONE:
         model.pop(key)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in NOT_DATA:
+        dataset.pop(key, None)
     return {"pretrain": pretrain, "model": model, "dataset": dataset, "data": data_fingerprint(data)}
 
 
@@ -199,6 +186,7 @@ def pretrain(cfg: DictConfig, data: ImageData, out: Path, log: Callable[[str], N
         save_file(state, str(tmp))
     settings = {
         **checkpoint_settings(cfg, data),
+        "sha256": file_sha256(out / CHECKPOINT),
         "epoch_losses": losses,
         "wall_seconds": wall,
         "linear_probe_accuracy": probe,
@@ -209,13 +197,29 @@ def pretrain(cfg: DictConfig, data: ImageData, out: Path, log: Callable[[str], N
     return settings
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped_checkpoint(folder: Path) -> PretrainResult:
+    """A checkpoint that comes with the repository, once its bytes match the hash it was shipped with."""
+    settings = json.loads((folder / SETTINGS).read_text())
+    if file_sha256(folder / CHECKPOINT) != settings.get("sha256"):
+        raise ConfigError(f"{folder / CHECKPOINT} does not match the sha256 in its {SETTINGS}: restore it from git")
+    return PretrainResult(folder / CHECKPOINT, settings, reused=True)
+
+
 def ensure_pretrained(cfg: DictConfig, log: Callable[[str], None] = print) -> PretrainResult:
-    """The cached checkpoint for ``cfg`` (pretraining it first when there is none)."""
+    """The checkpoint for ``cfg``: cached, else shipped in ``pretrained/``, else pretrained now into the cache."""
     data = load_dataset(cfg.dataset)
     folder = checkpoint_dir(cfg, data)
+    shipped = SHIPPED_DIR / folder.name
     if (folder / CHECKPOINT).is_file() and (folder / SETTINGS).is_file():
-        settings = json.loads((folder / SETTINGS).read_text())
-        log(f"pretrain: reusing {folder / CHECKPOINT} (linear probe {settings['linear_probe_accuracy']:.2f}%)")
-        return PretrainResult(folder / CHECKPOINT, settings, reused=True)
-    settings = pretrain(cfg, data, folder, log)
-    return PretrainResult(folder / CHECKPOINT, settings, reused=False)
+        result = PretrainResult(folder / CHECKPOINT, json.loads((folder / SETTINGS).read_text()), reused=True)
+    elif (shipped / CHECKPOINT).is_file():
+        result = shipped_checkpoint(shipped)
+    else:
+        return PretrainResult(folder / CHECKPOINT, pretrain(cfg, data, folder, log), reused=False)
+    log(f"pretrain: reusing {result.path} (linear probe {result.settings['linear_probe_accuracy']:.2f}%)")
+    return result

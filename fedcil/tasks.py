@@ -49,7 +49,11 @@ class TaskSplit:
 def make_task_split(
     num_classes: int, num_tasks: int, classes_per_task: int | None, class_order: str, seed: int
 ) -> TaskSplit:
-    """Order the classes (natural or seeded shuffle) and cut them into equal tasks."""
+    """Order the classes (natural or seeded shuffle) and cut them into equal tasks.
+
+    ``classes_per_task=None`` splits every class evenly (``num_tasks`` must divide them);
+    a number uses the first ``num_tasks x classes_per_task`` classes of the order.
+    """
     if class_order not in CLASS_ORDERS:
         raise choices_error("class_order", class_order, list(CLASS_ORDERS))
     if num_tasks < 1:
@@ -58,6 +62,11 @@ def make_task_split(
     if per_task < 1 or per_task * num_tasks > num_classes:
         raise ConfigError(
             f"num_tasks={num_tasks} x classes_per_task={per_task} does not fit {num_classes} classes"
+        )
+    if classes_per_task is None and num_classes % num_tasks:
+        raise ConfigError(
+            f"num_tasks={num_tasks} does not divide the {num_classes} classes; set classes_per_task to use "
+            f"{num_tasks} x classes_per_task of them (e.g. classes_per_task={num_classes // num_tasks})"
         )
     order = np.arange(num_classes)
     if class_order == "shuffle":

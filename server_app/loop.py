@@ -18,12 +18,12 @@ from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcil.config import chooses_num_clients, compose_config, to_container
 from fedcil.data import declared_shape
 from fedcil.experiment import Experiment, experiment_for
-from fedcil.model import FCILModel, model_for, resolve_device, set_base_deltas, set_trainable_state
+from fedcil.model import FCILModel, model_for, resolve_device, set_base_deltas, set_sent_state
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, RoundPlan, canonical_order, encode_request
 from fedcil.results import finish_run, resolve_output_dir
 from fedcil.settings import check_settings
 from fedcil.tasks import TaskSplit, split_for
-from fedcil.training import accuracies, evaluate_seen_tasks
+from fedcil.training import accuracies, correct_per_task, evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_federation, wait_for_nodes
 from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped
 from strategies import FederatedStrategy, build_strategy
@@ -48,9 +48,28 @@ class ServerEvaluator:
         self.device = resolve_device(cfg.device)
 
     def __call__(self, strategy: FederatedStrategy, task: int, round_in_task: int) -> Evaluation:
-        set_trainable_state(self.model, strategy.evaluation_state())
+        set_sent_state(self.model, strategy.evaluation_state())
         set_base_deltas(self.model, strategy.base_deltas())
         return Evaluation(*evaluate_seen_tasks(self.model, self.experiment, task, self.batch_size, self.device))
+
+    def diagnose(self, strategy: FederatedStrategy, task: int) -> dict[str, dict[str, list[float]]]:
+        """After the last task ``task``: per task, the evaluated model's accuracy with the task id
+        given (``task_aware``), and both accuracies of each of the strategy's diagnostic models."""
+        models = {"merged": [(strategy.evaluation_state(), strategy.base_deltas())] * (task + 1)}
+        diagnostics = {}
+        for name, per_task in {**models, **strategy.diagnostic_models()}.items():
+            scores: dict[str, list[float]] = {"accuracy": [], "task_aware_accuracy": []}
+            for i, (state, deltas) in enumerate(per_task):
+                set_sent_state(self.model, state)
+                set_base_deltas(self.model, deltas)
+                own = self.experiment.test_indices(i)
+                for key, aware in (("accuracy", False), ("task_aware_accuracy", True)):
+                    correct, counts = correct_per_task(
+                        self.model, self.experiment, task, self.batch_size, self.device, among=own, task_aware=aware
+                    )
+                    scores[key].append(accuracies(correct, counts)[i])
+            diagnostics[name] = scores
+        return diagnostics
 
 
 class ClientEvaluator:
@@ -251,5 +270,6 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
                 task + 1, num_tasks, round_in_task + 1, rounds_per_task, rounds[-1]["loss"],
                 "-" if accuracy is None else f"{accuracy:.2f}%", len(result.updates), rounds[-1]["seconds"], eta)
 
+    diagnostics = evaluator.diagnose(strategy, num_tasks - 1) if isinstance(evaluator, ServerEvaluator) else {}
     timing = (started, started_at, setup_seconds)
-    return finish_run(cfg, output_dir, accuracy_matrix, counts, rounds, timing, lambda message: log(INFO, "%s", message))
+    return finish_run(cfg, output_dir, accuracy_matrix, counts, rounds, timing, lambda message: log(INFO, "%s", message), diagnostics)

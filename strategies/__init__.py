@@ -12,10 +12,12 @@ from fedcil.errors import ConfigError
 from fedcil.protocol import ClientUpdate, RoundPlan, TensorDict
 from fedcil.registry import Registry
 from fedcil.tasks import TaskSplit
+from strategies.analytic import Analytic
 from strategies.base import ClientRound, FederatedStrategy
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.fedex_lora import FedExLoRA
 from strategies.ffa_lora import FFALoRA
+from strategies.head_only import HeadOnly
 from strategies.lorm import LoRM
 from strategies.talora import FedTaLoRA
 
@@ -28,6 +30,8 @@ METHODS.register("lorm")(LoRM)
 METHODS.register("ffa_lora")(FFALoRA)
 METHODS.register("fedex_lora")(FedExLoRA)
 METHODS.register("talora")(FedTaLoRA)
+METHODS.register("head_only")(HeadOnly)
+METHODS.register("analytic")(Analytic)
 
 
 CENTRALISED = ("joint",)
@@ -40,9 +44,19 @@ def method_class(name: str) -> type[FederatedStrategy]:
     return METHODS.get(name)
 
 
+def check_split(name: str, split: TaskSplit) -> None:
+    """Refuse a task split the method cannot learn from (one line naming the fix)."""
+    if method_class(name).trains_masked_head and split.classes_per_task < 2:
+        raise ConfigError(
+            f"classes_per_task={split.classes_per_task}: method={name} trains with a cross-entropy over each task's "
+            "classes, which is identically zero over one class; use classes_per_task >= 2 or method=analytic"
+        )
+
+
 def build_strategy(cfg: DictConfig, split: TaskSplit, initial_state: TensorDict) -> FederatedStrategy:
     """The strategy named by ``cfg.method.name`` for a run with task split ``split``, starting from ``initial_state``."""
+    check_split(cfg.method.name, split)
     return method_class(cfg.method.name).from_config(cfg, split, initial_state)
 
 
-__all__ = ["METHODS", "ClientRound", "ClientUpdate", "FederatedStrategy", "RoundPlan", "build_strategy", "method_class"]
+__all__ = ["METHODS", "ClientRound", "ClientUpdate", "FederatedStrategy", "RoundPlan", "build_strategy", "check_split", "method_class"]

@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from fedcil.closed_form import Gram
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, RoundPlan, Shapes, TensorDict, TrainRequest, param_group
 from fedcil.tasks import TaskSplit
@@ -44,6 +46,11 @@ inputs over the client's current-task data (and of the head's, under ``head``, u
 ``head_alpha`` is None)."""
 
 
+HeadFeatures = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
+"""``head_features()``: what the head sees for each of the client's current-task images
+(``n x d`` float64) and their labels (the task split's numbering)."""
+
+
 @dataclass(frozen=True)
 class ClientRound:
     """What a method's client hook sees once a client's local training is done."""
@@ -53,10 +60,17 @@ class ClientRound:
     num_examples: int
     task_classes: range  # the labels (head rows) of the request's task
     input_grams: InputGrams
+    head_features: HeadFeatures
 
 
 class FederatedStrategy(ABC):
-    """Base class: holds the global trainable state."""
+    """Base class: holds the global trainable state.
+
+    ``trains_masked_head``: clients train with the cross-entropy masked to their task's
+    classes (every method but ``analytic``), which needs at least 2 classes per task.
+    """
+
+    trains_masked_head = True
 
     def __init__(self, initial_state: TensorDict) -> None:
         self.state: TensorDict = {k: v.clone() for k, v in initial_state.items()}
@@ -111,6 +125,14 @@ class FederatedStrategy(ABC):
 
     def base_deltas(self) -> TensorDict:
         """Per adapted layer, what the evaluated model adds to the frozen ``W0`` (none by default)."""
+        return {}
+
+    def diagnostic_models(self) -> dict[str, list[tuple[TensorDict, TensorDict]]]:
+        """Other models to evaluate once the last task is done, for the results' ``diagnostics``.
+
+        Per name, one ``(trainable state, base deltas)`` per task, scored on that task's test
+        samples (none by default).
+        """
         return {}
 
     def evaluation_plan(self) -> RoundPlan:

@@ -172,6 +172,7 @@ class LoRM(FederatedStrategy):
         self.tasks_done = 0
         self.current_gram: dict[str, Gram] = {}
         self.task_finished = False
+        self.task_adapters: list[TensorDict] = []  # every finished task's own factors, for the diagnostics
 
     @classmethod
     def from_config(cls, cfg: DictConfig, split: TaskSplit, initial_state: TensorDict) -> LoRM:
@@ -237,6 +238,7 @@ class LoRM(FederatedStrategy):
         """Fold ``dW_t G_t`` and ``G_t`` of the finished task into the cross-task sums."""
         sums = sum_updates(updates, [f"{layer}.G" for layer in self.layers])
         self.task_sums = self._with_task({layer: sums[f"{layer}.G"] for layer in self.layers})
+        self.task_adapters.append({k: v.clone() for k, v in self.state.items() if ".lora_" in k})
         self.tasks_done += 1
         self.task_finished = True
 
@@ -271,6 +273,8 @@ class LoRM(FederatedStrategy):
         for layer, (weighted, gram) in self.task_sums.items():
             tensors[f"task_sums/{layer}.weighted"], tensors[f"task_sums/{layer}.gram"] = weighted, gram
         tensors.update({f"current_gram/{layer}": gram for layer, gram in self.current_gram.items()})
+        for task, adapter in enumerate(self.task_adapters):
+            tensors.update({f"task_adapter/{task}/{key}": value for key, value in adapter.items()})
         return tensors, {**values, "tasks_done": self.tasks_done, "task_finished": self.task_finished}
 
     def restore(self, tensors: TensorDict, values: dict) -> None:
@@ -281,6 +285,14 @@ class LoRM(FederatedStrategy):
         }
         self.current_gram = {layer: tensors[f"current_gram/{layer}"] for layer in self.layers if f"current_gram/{layer}" in tensors}
         self.tasks_done, self.task_finished = int(values["tasks_done"]), bool(values["task_finished"])
+        self.task_adapters = [
+            {key.split("/", 2)[2]: value for key, value in tensors.items() if key.startswith(f"task_adapter/{task}/")}
+            for task in range(self.tasks_done)
+        ]
+
+    def diagnostic_models(self) -> dict[str, list[tuple[TensorDict, TensorDict]]]:
+        """``own_adapter``: each task with its own adapter live on ``W0`` (no cross-task merge) and the final head."""
+        return {"own_adapter": [({**self.state, **adapter}, {}) for adapter in self.task_adapters]}
 
     def evaluation_state(self) -> TensorDict:
         """The head and, unless the adapter already sits in the merged base, the adapter."""

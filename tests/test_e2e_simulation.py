@@ -48,7 +48,9 @@ def check_results(out: Path, dataset: str, num_classes_per_task: int, method: st
     assert results["faa"] == pytest.approx(sum(matrix[1]) / 2)
     assert len(results["rounds"]) == 4 and all(r["clients"] == 3 for r in results["rounds"])
     assert results["bytes_up"] == sum(r["bytes_up"] for r in results["rounds"]) > 0
-    assert results["bytes_down"] == sum(r["bytes_down"] for r in results["rounds"]) > results["bytes_up"] / 3
+    assert results["bytes_down"] == sum(r["bytes_down"] for r in results["rounds"]) > 0
+    if method != "analytic":  # its requests carry no tensor; the others send the model every round
+        assert results["bytes_down"] > results["bytes_up"] / 3
     assert results["config"]["dataset"]["name"] == dataset
     for name in ("rounds.csv", "accuracy_matrix.png", "accuracy_per_task.png"):
         assert (out / name).stat().st_size > 0
@@ -60,7 +62,8 @@ def check_results(out: Path, dataset: str, num_classes_per_task: int, method: st
 # than FedAvg-LoRA to clear the learning bar in two rounds.
 @pytest.mark.parametrize(
     "method, extra",
-    [("fedavg_lora", []), ("lorm", ["local_epochs=6"]), ("ffa_lora", []), ("fedex_lora", []), ("talora", [])],
+    [("fedavg_lora", []), ("lorm", ["local_epochs=6"]), ("ffa_lora", []), ("fedex_lora", []), ("talora", []),
+     ("head_only", ["lr=0.05", "local_epochs=5"]), ("analytic", [])],
 )
 def test_digits_simulation_matches_the_inprocess_backend(flower_home, method, extra):
     """Flower and ``backend=inprocess`` run the same loop: same accuracies, same message sizes."""

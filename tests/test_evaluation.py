@@ -14,7 +14,7 @@ from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
 from fedcil.cli.run import launch
 
-RUN = ["num_tasks=3", "rounds_per_task=2", "num_clients=3", "local_epochs=2", "backend=inprocess"]
+RUN = ["num_tasks=3", "classes_per_task=3", "rounds_per_task=2", "num_clients=3", "local_epochs=2", "backend=inprocess"]
 
 
 def results(tmp_path, name: str, overrides: list[str]) -> dict:

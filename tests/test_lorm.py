@@ -245,3 +245,23 @@ def test_dense_and_diagonal_solves_agree_with_numpy():
     for ridge in (0.0, 1e-9):
         merged = merge_with_grams(torch.as_tensor(N), torch.as_tensor(g), ridge).numpy()
         assert np.all(merged[:, 2] == 0) and np.allclose(merged[:, [0, 1, 3]], N[:, [0, 1, 3]] / g[[0, 1, 3]], rtol=1e-6)
+
+
+def test_lorm_reports_where_its_accuracy_goes(tmp_path):
+    """The diagnostics score the final model with the task id given, and each task's own
+    adapter instead of the cross-task merge: a given task id can only help, and the merged
+    model's class-incremental accuracies are the accuracy matrix's last row."""
+    from fedcil.cli.inprocess import run_inprocess
+
+    cfg = compose_config("config", [
+        "method=lorm", "num_clients=3", "num_tasks=2", "rounds_per_task=2", "local_epochs=2", "partition=iid",
+        "eval_every_round=false", "checkpoint=false", f"output_dir={tmp_path}",
+    ])
+    results = run_inprocess(cfg)
+    diagnostics = results["diagnostics"]
+    assert set(diagnostics) == {"merged", "own_adapter"}
+    assert diagnostics["merged"]["accuracy"] == results["accuracy_matrix"][-1]
+    for scores in diagnostics.values():
+        assert len(scores["accuracy"]) == 2
+        assert all(aware >= plain for aware, plain in zip(scores["task_aware_accuracy"], scores["accuracy"]))
+    assert diagnostics["own_adapter"]["accuracy"] != diagnostics["merged"]["accuracy"]

@@ -19,6 +19,7 @@ from fedcil.tasks import split_for
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_INITS = ("torch", "timm")
+SUMS_OF_STATISTICS = ("lorm", "analytic")  # methods whose replies are statistics, not trained tensors
 CHOICES = {
     "backend": ("flower", "inprocess"),
     "evaluation": ("server", "clients"),
@@ -123,9 +124,9 @@ def check_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value != "__absent__" and not allowed.allows(value):
             raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed.describe()}")
-    if cfg.replies.clip_norm is not None and cfg.method.name == "lorm":
+    if cfg.replies.clip_norm is not None and cfg.method.name in SUMS_OF_STATISTICS:
         raise ConfigError("replies.clip_norm applies to methods whose clients send trained tensors; "
-                          "lorm sends Gram summaries: set replies.clip_norm=null")
+                          f"{cfg.method.name} sends Gram summaries: set replies.clip_norm=null")
     if cfg.min_replies > cfg.num_clients:
         raise ConfigError(f"min_replies={cfg.min_replies} exceeds num_clients={cfg.num_clients}; allowed: 1..{cfg.num_clients}")
     try:

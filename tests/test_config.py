@@ -81,6 +81,11 @@ def test_unknown_backend_fails_before_anything_runs(tmp_path):
         ("classes_per_task=3", "num_tasks=5 x classes_per_task=3 does not fit 10 classes"),
         ("method=lorm method.gram_alpha=1.5", "method.gram_alpha=1.5 is out of range; allowed: a number >= 0 and <= 1"),
         ("method=lorm replies.clip_norm=1", "lorm sends Gram summaries: set replies.clip_norm=null"),
+        ("num_tasks=7", "set classes_per_task to use 7 x classes_per_task of them (e.g. classes_per_task=1)"),
+        ("optimizer=lamb", "unknown optimizer 'lamb'; valid choices: adam, adamw, sgd"),
+        ("precision=fp64", "unknown precision 'fp64'; valid choices: bf16, fp16, fp32"),
+        ("model.head_init=zeros", "unknown model.head_init 'zeros'; valid choices: timm, torch"),
+        ("weight_decay=-1", "weight_decay=-1 is out of range; allowed: a number >= 0"),
     ],
 )
 def test_every_numeric_setting_is_range_checked_with_one_line(override, message):

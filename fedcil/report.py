@@ -80,9 +80,18 @@ def find_files(paths: Iterable[Path], name: str) -> list[Path]:
 
 
 def setting_keys(runs: list[Run]) -> list[str]:
-    """Config keys whose values differ between runs, other than the seed and paths."""
+    """Config keys whose values differ between runs of one method, other than the seed and paths.
+
+    A key that only follows the method (its own settings, or a method's fixed
+    ``rounds_per_task``) says no more than the method column.
+    """
     keys = sorted(set().union(*(r.config for r in runs)))
-    return [k for k in keys if k not in IGNORED_KEYS and len({str(r.config.get(k)) for r in runs}) > 1]
+    methods = {r.config["method.name"] for r in runs}
+
+    def varies(key: str) -> bool:
+        return any(len({str(r.config.get(key)) for r in runs if r.config["method.name"] == m}) > 1 for m in methods)
+
+    return [k for k in keys if k not in IGNORED_KEYS and varies(k)]
 
 
 def group_runs(runs: list[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:

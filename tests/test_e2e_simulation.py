@@ -73,9 +73,13 @@ def test_digits_simulation_matches_the_inprocess_backend(flower_home, method, ex
         launch("config", [*overrides, "backend=inprocess", f"output_dir={flower_home / 'local'}"]), "digits", 5, method
     )
     assert local["accuracy_matrix"] == flower["accuracy_matrix"]
-    for ours, theirs in zip(local["rounds"], flower["rounds"]):  # the same records; metadata differs by a few bytes
-        assert ours["bytes_up"] == pytest.approx(theirs["bytes_up"], rel=0.01)
-        assert ours["bytes_down"] == pytest.approx(theirs["bytes_down"], rel=0.01)
+    for ours, theirs in zip(local["rounds"], flower["rounds"]):
+        # the same records; a Flower message adds its metadata (up to about 200 bytes) to them,
+        # which dominates the small messages of head_only and analytic
+        metadata = 200 * 2 * theirs["clients"]  # a round's messages: train (and end-of-task statistics)
+        assert ours["bytes_up"] == pytest.approx(theirs["bytes_up"], rel=0.01, abs=metadata)
+        assert ours["bytes_down"] == pytest.approx(theirs["bytes_down"], rel=0.01, abs=metadata)
+        assert ours["bytes_up"] <= theirs["bytes_up"] and ours["bytes_down"] <= theirs["bytes_down"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="apt-get install dataset-fashion-mnist")

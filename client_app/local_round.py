@@ -16,10 +16,10 @@ from omegaconf import DictConfig
 
 from fedcil.augment import CropFlip
 from fedcil.closed_form import Gram
+from fedcil.data import iterate_batches
 from fedcil.errors import ConfigError
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.gram import compute_grams
-from fedcil.data import iterate_batches
 from fedcil.model import FCILModel, adapted_layers, get_trainable_state, model_for, resolve_device, set_base_deltas, set_sent_state
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
 from fedcil.training import TrainSettings, correct_per_task, train_local

@@ -1,29 +1,23 @@
-"""The ClientApp: decode the request, run one local round, reply."""
+"""The ClientApp: decode the request, run one local round, reply.
+
+Importing this module costs Flower and Hydra only: torch, timm and PEFT load on the first
+request, in this process under a simulation (Ray keeps it), or once per SuperNode in its
+warm worker under a deployment (:mod:`client_app.worker`), where Flower starts a fresh
+``flwr-clientapp`` process for every message.
+"""
 
 from __future__ import annotations
 
-import torch
-from flwr.app import Context, Message
+import os
+import sys
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.local_round import answer_request
-from fedcil.config import chooses_num_clients, compose_config, parse_overrides, quote_value
+from client_app.node import NodeJob
 
 app = ClientApp()
-
-
-def node_overrides(context: Context) -> list[str]:
-    """The run's overrides, plus what this SuperNode's node config decides.
-
-    Its data directory (``data-dir``), and the number of clients (``num-partitions``)
-    unless the run chooses ``num_clients`` itself.
-    """
-    overrides = parse_overrides(str(context.run_config["overrides"]))
-    if not chooses_num_clients(overrides):
-        overrides.append(f"num_clients={int(context.node_config['num-partitions'])}")
-    if "data-dir" in context.node_config:
-        overrides.append(f"dataset.root={quote_value(str(context.node_config['data-dir']))}")
-    return overrides
 
 
 @app.train()
@@ -38,14 +32,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     return reply(msg, context)
 
 
+def uses_warm_worker(context: Context) -> bool:
+    """Whether this request goes to the node's warm worker: in a ``flwr-clientapp`` process
+    (a deployment), unless the SuperNode's node config says ``warm-worker=false``."""
+    wanted = str(context.node_config.get("warm-worker", "true")).lower() != "false"
+    return wanted and Path(sys.argv[0]).name == "flwr-clientapp"
+
+
 def reply(msg: Message, context: Context) -> Message:
-    """Answer a request with this node's config, partition and thread count."""
-    cfg = compose_config(str(context.run_config["config-name"]), node_overrides(context))
-    torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
-    content = answer_request(
-        cfg,
-        msg.content,
-        partition_id=int(context.node_config["partition-id"]),
-        num_partitions=int(context.node_config["num-partitions"]),
-    )
+    """Answer a request with this node's config and partition."""
+    job = NodeJob.from_context(context)
+    content: RecordDict
+    if uses_warm_worker(context):
+        from client_app.worker import ask
+
+        content = ask(job, msg.content, node_id=context.node_id, watch_pid=os.getppid())
+    else:
+        from client_app.local_round import answer
+
+        content = answer(job, msg.content)
     return Message(content=content, reply_to=msg)

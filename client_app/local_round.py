@@ -14,8 +14,10 @@ import torch
 from flwr.app import RecordDict
 from omegaconf import DictConfig
 
+from client_app.node import NodeJob
 from fedcil.augment import CropFlip
 from fedcil.closed_form import Gram
+from fedcil.config import compose_config
 from fedcil.data import iterate_batches
 from fedcil.errors import ConfigError
 from fedcil.experiment import Experiment, experiment_for
@@ -125,3 +127,10 @@ def answer_request(cfg: DictConfig, content: RecordDict, partition_id: int, num_
     """The reply records to one request's records: what a ClientApp sends back."""
     tensors, num_examples, loss = run_local_round(cfg, decode_request(content), partition_id, num_partitions)
     return encode_reply(tensors, num_examples, loss)
+
+
+def answer(job: NodeJob, content: RecordDict) -> RecordDict:
+    """:func:`answer_request` for a node's job: its config composed, torch on its thread count."""
+    cfg = compose_config(job.config_name, list(job.overrides))
+    torch.set_num_threads(max(1, int(cfg.client_resources.num_cpus)))
+    return answer_request(cfg, content, job.partition_id, job.num_partitions)

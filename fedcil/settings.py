@@ -23,6 +23,7 @@ SUMS_OF_STATISTICS = ("lorm", "analytic")  # methods whose replies are statistic
 CHOICES = {
     "backend": ("flower", "inprocess"),
     "evaluation": ("server", "clients"),
+    "eval_every_round": ("auto", True, False),
     "optimizer": OPTIMIZERS,
     "precision": PRECISIONS,
     "model.head_init": HEAD_INITS,
@@ -91,6 +92,7 @@ RANGES: dict[str, Range] = {
     "fraction_train": FRACTION,
     "client_resources.num_cpus": positive(),
     "client_resources.num_gpus": at_least(0, float),
+    "client_resources.clients_per_gpu": at_least(1),
     "node_wait_seconds": positive(),
     "round_timeout": positive(nullable=True),
     "min_replies": at_least(1),
@@ -113,6 +115,14 @@ RANGES: dict[str, Range] = {
     "pretrain.lr": positive(),
     "pretrain.temperature": positive(),
 }
+
+
+def evaluates_every_round(cfg: DictConfig) -> bool:
+    """``eval_every_round``; ``auto`` is every round when the server evaluates (no messages) and
+    only after each task's last round when the clients do (an exchange with every node)."""
+    if cfg.eval_every_round == "auto":
+        return cfg.evaluation == "server"
+    return bool(cfg.eval_every_round)
 
 
 def check_settings(cfg: DictConfig) -> None:

@@ -6,8 +6,11 @@
 # authentication: each SuperNode gets an EC key pair, and the SuperLink admits only the
 # public keys registered with `flwr supernode register`.
 #
-#   bash scripts/deploy_local.sh [-n NODES] [-w WORKDIR] [-d DATA_DIR] [-a] [OVERRIDE ...]
+#   bash scripts/deploy_local.sh [-n NODES] [-w WORKDIR] [-d DATA_DIR] [-x NODE_CONFIG] [-a] [OVERRIDE ...]
 #   bash scripts/deploy_local.sh -n 3 -a num_clients=3 dataset=fashion_mnist
+#
+# -x adds to every SuperNode's node config, e.g. -x warm-worker=false (a fresh ClientApp
+# process answers each message, without the node's warm worker; see docs/deployment.md).
 #
 # WORKDIR (default: a new folder under /tmp) receives certs/, keys/ (-a), the SuperLink's state.db, one
 # log per process, pids, and results/ (unless an override sets output_dir). num_clients
@@ -16,14 +19,15 @@
 # (docker/certs.sh DIR IP:...). Exit code: 0 when the run finished completed.
 set -euo pipefail
 APP=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; }
-nodes=3 work="" data_dir="" auth=""
-while getopts "n:w:d:ah" opt; do
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+nodes=3 work="" data_dir="" auth="" node_extra=""
+while getopts "n:w:d:x:ah" opt; do
   case $opt in
     n) nodes=$OPTARG ;;
     w) work=$OPTARG ;;
     d) data_dir=$(realpath -m "$OPTARG") ;;
     a) auth=1 ;;
+    x) node_extra=" $OPTARG" ;;
     *) usage; exit 2 ;;
   esac
 done
@@ -35,8 +39,9 @@ fi
 work=$(realpath -m "${work:-$(mktemp -d /tmp/fcil-deploy-XXXXXX)}")
 mkdir -p "$work"
 PY="$APP/.venv/bin/python"
+# The SuperExecs look for new tasks every 0.1 s (Flower's default: 1 s).
 export PATH="$APP/.venv/bin:$PATH" FLWR_HOME="$work/flwr-home" FLWR_TELEMETRY_ENABLED=0 \
-  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -108,7 +113,7 @@ for ((i = 0; i < nodes; i++)); do
   echo "supernode-$i-port $node_port" >> "$work/ports"
   start "supernode-$i" flower-supernode \
     --root-certificates "$work/certs/ca.crt" --superlink "127.0.0.1:$port" --port "$node_port" \
-    --node-config "partition-id=$i num-partitions=$nodes${data_dir:+ data-dir=\"$data_dir\"}" \
+    --node-config "partition-id=$i num-partitions=$nodes${data_dir:+ data-dir=\"$data_dir\"}$node_extra" \
     ${auth:+--auth-supernode-private-key "$work/keys/supernode-$i"}
 done
 

@@ -78,6 +78,29 @@ def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Genera
     return sorted(node_ids[int(i)] for i in picks)
 
 
+PULL_INTERVAL = 0.1
+"""Seconds between two pulls of the replies still awaited (Flower's own ``send_and_receive``
+waits 3 s between pulls in a deployment)."""
+
+
+def push_and_pull(
+    grid: Grid, messages: list[Message], timeout: float | None, interval: float = PULL_INTERVAL
+) -> list[Message]:
+    """Push ``messages``, then pull their replies every ``interval`` seconds until all have come
+    or ``timeout`` seconds have passed (``None``: no limit); the replies received."""
+    awaited = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while awaited:
+        pulled = list(grid.pull_messages(awaited))
+        replies.extend(pulled)
+        awaited.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        if not awaited or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+    return replies
+
+
 def exchange(
     grid: Grid, content: RecordDict, node_ids: list[int], timeout: float | None, kind: str = MessageType.TRAIN
 ) -> RoundExchange:
@@ -85,7 +108,7 @@ def exchange(
     messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in node_ids]
     result = RoundExchange(replies=[], bytes_up=0, bytes_down=sum(message_bytes(m) for m in messages), sampled=node_ids)
     replied = set()
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = push_and_pull(grid, messages, timeout)
     # Pushing gave each message its id; an error the SuperLink answers for a lost node
     # ("Node Unavailable") comes from the SuperLink, so replies are matched by that id.
     sent_to = {m.metadata.message_id: n for m, n in zip(messages, node_ids)}

@@ -21,7 +21,7 @@ from fedcil.experiment import Experiment, experiment_for
 from fedcil.model import FCILModel, model_for, resolve_device, set_base_deltas, set_sent_state
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, RoundPlan, canonical_order, encode_request
 from fedcil.results import finish_run, resolve_output_dir
-from fedcil.settings import check_settings
+from fedcil.settings import check_settings, evaluates_every_round
 from fedcil.tasks import TaskSplit, split_for
 from fedcil.training import accuracies, correct_per_task, evaluate_seen_tasks
 from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_federation, wait_for_nodes
@@ -226,6 +226,7 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
     evaluator = ClientEvaluator(send, nodes) if experiment is None else ServerEvaluator(cfg, experiment, model)
     rng = np.random.default_rng(cfg.seed)
     num_tasks, rounds_per_task = split.num_tasks, cfg.rounds_per_task
+    every_round = evaluates_every_round(cfg)
     accuracy_matrix: list[list[float | None]] = []
     rounds: list[dict] = []
     counts: list[int] = []
@@ -250,7 +251,7 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
             result = train_round(send, cfg, strategy, nodes, rng, task, round_in_task)
             last = round_in_task == rounds_per_task - 1
             accuracy = None
-            if cfg.eval_every_round or last:
+            if every_round or last:
                 evaluation = evaluator(strategy, task, round_in_task)
                 per_task, counts = evaluation.accuracies, evaluation.counts
                 accuracy = float(np.average(per_task, weights=counts))

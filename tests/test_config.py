@@ -86,6 +86,7 @@ def test_unknown_backend_fails_before_anything_runs(tmp_path):
         ("precision=fp64", "unknown precision 'fp64'; valid choices: bf16, fp16, fp32"),
         ("model.head_init=zeros", "unknown model.head_init 'zeros'; valid choices: timm, torch"),
         ("weight_decay=-1", "weight_decay=-1 is out of range; allowed: a number >= 0"),
+        ("eval_every_round=sometimes", "unknown eval_every_round 'sometimes'; valid choices: auto, false, true"),
     ],
 )
 def test_every_numeric_setting_is_range_checked_with_one_line(override, message):

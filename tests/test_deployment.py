@@ -15,7 +15,7 @@ import psutil
 import pytest
 from flwr.app import Context, RecordDict
 
-from client_app.app import node_overrides
+from client_app.node import node_overrides
 from fedcil.cli.run import APP_DIR, free_port, launch, listening_process
 
 pytestmark = pytest.mark.e2e
@@ -46,6 +46,23 @@ def test_tls_deployment_with_supernode_auth_completes_matches_the_loop_and_leave
     assert len(pids) == 4 and len(ports) == 4
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert all(listening_process(port) is None for port in ports)
+    # every node answered its 4 messages through one warm worker, which left with the node
+    assert [(work / f"supernode-{i}.log").read_text().count("started this node's warm worker") for i in range(3)] == [1, 1, 1]
+    assert not processes_of(work), "a process of the deployment outlived it"
+
+
+def processes_of(work: Path, wait: float = 10.0) -> list[psutil.Process]:
+    """The live processes whose FLWR_HOME is the deployment's (after waiting up to ``wait`` s for them to go)."""
+    home, deadline = str(work / "flwr-home"), time.monotonic() + wait
+    while True:
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("FLWR_HOME") == home and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):

@@ -24,12 +24,24 @@ def results(tmp_path, name: str, overrides: list[str]) -> dict:
 @pytest.mark.parametrize("method", ["fedavg_lora", "talora", "lorm"])
 def test_client_evaluation_equals_server_evaluation(tmp_path, method):
     server = results(tmp_path, "server", [*RUN, f"method={method}"])
-    clients = results(tmp_path, "clients", [*RUN, f"method={method}", "evaluation=clients"])
+    clients = results(tmp_path, "clients", [*RUN, f"method={method}", "evaluation=clients", "eval_every_round=true"])
     assert set(clients) == set(server)
     assert clients["accuracy_matrix"] == server["accuracy_matrix"]
     assert [r["accuracy"] for r in clients["rounds"]] == [r["accuracy"] for r in server["rounds"]]
     # evaluating on clients costs messages; on the server it costs none
     assert all(c["bytes_down"] > s["bytes_down"] for c, s in zip(clients["rounds"], server["rounds"]))
+
+
+def test_by_default_clients_evaluate_only_after_each_task(tmp_path):
+    """``eval_every_round=auto``: the server evaluates every round, the clients only after a task's last round."""
+    server = results(tmp_path, "server", RUN)
+    clients = results(tmp_path, "clients", [*RUN, "evaluation=clients"])
+    assert clients["accuracy_matrix"] == server["accuracy_matrix"]
+    assert all(r["accuracy"] is not None for r in server["rounds"])
+    for c, s in zip(clients["rounds"], server["rounds"]):
+        last = c["round"] == 1
+        assert (c["accuracy"] == s["accuracy"]) if last else c["accuracy"] is None
+        assert (c["bytes_down"] > s["bytes_down"]) if last else c["bytes_down"] == s["bytes_down"]
 
 
 def test_test_shards_split_the_test_set_without_overlap(cfg):

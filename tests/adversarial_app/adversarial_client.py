@@ -6,7 +6,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from attacks import attack_of, corrupt
-from client_app.app import node_overrides, reply
+from client_app.app import reply
+from client_app.node import node_overrides
 from fedcil.config import compose_config
 
 app = ClientApp()

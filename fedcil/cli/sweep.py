@@ -7,12 +7,15 @@ directory and SuperLink port), so jobs never share a SuperLink and Hydra's paral
 launchers can run them side by side. A job writes its results files into its Hydra job
 directory (``<hydra.sweep.dir>/<overrides>``); a failing job writes ``error.json`` there
 (error and config) and the sweep goes on. Re-running a sweep skips every job whose
-``results.json`` exists for the same config.
+``results.json`` exists for the same config, and resumes a job whose folder holds a
+checkpoint of the same config. Ctrl-C (SIGINT) or SIGTERM stops the running job's Flower
+run and its processes, keeps its checkpoint and prints the command that continues the sweep.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import tempfile
 import traceback
@@ -22,19 +25,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fedcil.checkpoint import IGNORED_KEYS, STATE_FILE
 from fedcil.config import CONF_DIR, compose_config, quote_value, to_container
-from fedcil.cli.run import FlowerSite, launch, with_pretrained_path
+from fedcil.cli.run import FlowerSite, Interrupted, interruptible, launch, with_pretrained_path
 from fedcil.files import write_atomic
 
 FAILED_JOBS: list[str] = []
 
 
-def same_config(results_file: Path, config: dict) -> bool:
-    """Whether ``results_file`` holds results of exactly ``config``."""
+def same_config(path: Path, config: dict) -> bool:
+    """Whether ``path`` (``results.json`` or ``checkpoint.json``) was written with ``config``
+    (``resume`` and ``output_dir`` aside)."""
     try:
-        return json.loads(results_file.read_text())["config"] == config
-    except (OSError, ValueError, KeyError):
+        written = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+    return all(written.get(key) == config.get(key) for key in set(written) | set(config) if key not in IGNORED_KEYS)
 
 
 def run_job(config_name: str, overrides: list[str], job_dir: Path) -> str:
@@ -50,6 +56,9 @@ def run_job(config_name: str, overrides: list[str], job_dir: Path) -> str:
             print(f"fcil-sweep: skipping {job_dir} (results exist)", flush=True)
             return "skipped"
         error_file.unlink(missing_ok=True)
+        if same_config(job_dir / STATE_FILE, config):  # an interrupted (or failed) job goes on from its checkpoint
+            print(f"fcil-sweep: resuming {job_dir} from its checkpoint", flush=True)
+            overrides.append(f"resume={quote_value(str(job_dir.resolve()))}")
         with tempfile.TemporaryDirectory(prefix="fcil-flwr-") as home:
             launch(config_name, overrides, site=FlowerSite.isolated(Path(home)))
         return "done"
@@ -74,8 +83,15 @@ def sweep_job(cfg: DictConfig) -> str:
 
 
 def main() -> int:
-    """Console entry point; exit code 1 when a job of an in-process sweep failed."""
-    sweep_job()
+    """Console entry point; exit code 1 when a job of an in-process sweep failed, 130/143 on SIGINT/SIGTERM."""
+    with interruptible("fcil-sweep"):
+        try:
+            sweep_job()
+        except Interrupted as exc:
+            kept = f"{exc.output_dir} keeps its checkpoint; " if exc.resumable else ""
+            print(f"fcil-sweep: interrupted; {kept}continue with: {shlex.join(['fcil-sweep', *sys.argv[1:]])}",
+                  file=sys.stderr, flush=True)
+            return exc.exit_code
     if FAILED_JOBS:
         print(f"fcil-sweep: {len(FAILED_JOBS)} job(s) failed, see error.json in: {', '.join(FAILED_JOBS)}", file=sys.stderr)
         return 1

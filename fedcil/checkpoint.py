@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcil.errors import ConfigError
-from fedcil.protocol import TensorDict
 from fedcil.files import atomic_file, write_atomic
+
+if TYPE_CHECKING:
+    from fedcil.protocol import TensorDict
 
 STATE_FILE = "checkpoint.json"
 IGNORED_KEYS = ("resume", "output_dir")  # may differ between a run and its resumption

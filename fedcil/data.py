@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from fedcil.errors import ConfigError
 from fedcil.registry import Registry
+from fedcil.shapes import FIXED_SHAPES
 
 DATASETS: Registry = Registry("dataset")
 
@@ -43,37 +44,6 @@ class ArrayDataset(Dataset):
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch by fancy indexing (no per-item Python loop)."""
         return self.images[indices].float() * self.scale, self.labels[indices]
-
-
-@dataclass(frozen=True)
-class DataShape:
-    """What a model needs to know of a data set: classes, channels, image side."""
-
-    num_classes: int
-    in_chans: int
-    image_size: int
-
-
-FIXED_SHAPES = {
-    "digits": DataShape(10, 1, 8),
-    "fashion_mnist": DataShape(10, 1, 28),
-    "cifar100": DataShape(100, 3, 32),
-}
-
-
-def declared_shape(cfg: DictConfig) -> DataShape:
-    """The shape of the data set ``cfg`` names, without loading it (a server that holds no data).
-
-    Fixed for the built-in arrays; for image folders ``num_classes`` must be set in the config.
-    """
-    if cfg.name in FIXED_SHAPES:
-        return FIXED_SHAPES[cfg.name]
-    if OmegaConf.select(cfg, "num_classes") is None:
-        raise ConfigError(
-            f"dataset.num_classes is null for dataset={cfg.name}: a server that loads no data "
-            "(evaluation=clients) needs it set, e.g. dataset.num_classes=200"
-        )
-    return DataShape(int(cfg.num_classes), 3, int(cfg.image_size))
 
 
 @dataclass(frozen=True)

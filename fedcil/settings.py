@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedcil.data import declared_shape
+from fedcil.shapes import declared_shape
 from fedcil.errors import ConfigError, choices_error
 from fedcil.tasks import split_for
 

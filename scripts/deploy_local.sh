@@ -12,7 +12,7 @@
 # -x adds to every SuperNode's node config, e.g. -x warm-worker=false (a fresh ClientApp
 # process answers each message, without the node's warm worker; see docs/deployment.md).
 #
-# WORKDIR (default: a new folder under /tmp) receives certs/, keys/ (-a), the SuperLink's state.db, one
+# WORKDIR (default: a new folder under /tmp) receives certs/, keys/ (-a), the SuperLink's state.db, app/ (the copy of the app that flwr run packs), one
 # log per process, pids, and results/ (unless an override sets output_dir). num_clients
 # must equal NODES. On real machines run the same commands on each host, with the
 # SuperLink's address in place of 127.0.0.1 and that address in the certificate
@@ -39,9 +39,9 @@ fi
 work=$(realpath -m "${work:-$(mktemp -d /tmp/fcil-deploy-XXXXXX)}")
 mkdir -p "$work"
 PY="$APP/.venv/bin/python"
-# The SuperExecs look for new tasks every 0.1 s (Flower's default: 1 s).
+# The SuperExecs look for new tasks every 0.25 s (Flower's default: 1 s).
 export PATH="$APP/.venv/bin:$PATH" FLWR_HOME="$work/flwr-home" FLWR_TELEMETRY_ENABLED=0 \
-  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
+  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.25}
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -122,7 +122,9 @@ overrides=("$@")
 printf '%s\n' "${overrides[@]}" | grep -q '^output_dir=' || overrides+=("output_dir=$work/results")
 "$PY" -c 'import shlex, sys, tomli_w; print(tomli_w.dumps({"config-name": "config", "overrides": shlex.join(sys.argv[1:])}))' \
   "${overrides[@]}" > "$work/run-config.toml"
-(cd "$work" && flwr run "$APP" deployment --stream --run-config "$work/run-config.toml") 2>&1 | tee "$work/flwr-run.log"
+# flwr builds the FAB from a copy of the app's files (fcil-run does the same): walking a .venv takes it seconds.
+rm -rf "$work/app" && "$PY" -c 'import sys; from pathlib import Path; from fedcil.cli.run import stage_app; stage_app(Path(sys.argv[1]), Path(sys.argv[2]))' "$APP" "$work/app"
+(cd "$work" && flwr run "$work/app" deployment --stream --run-config "$work/run-config.toml") 2>&1 | tee "$work/flwr-run.log"
 run_id=$(grep -oE 'Successfully started run [0-9]+' "$work/flwr-run.log" | grep -oE '[0-9]+$' || true)
 [ -n "$run_id" ] || { echo "deploy_local.sh: flwr run did not start a run" >&2; exit 1; }
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from fedcil.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcil.config import chooses_num_clients, compose_config, to_container
-from fedcil.data import declared_shape
+from fedcil.shapes import declared_shape
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.model import FCILModel, model_for, resolve_device, set_base_deltas, set_sent_state
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, RoundPlan, canonical_order, encode_request

@@ -68,7 +68,7 @@ def processes_of(work: Path, wait: float = 10.0) -> list[psutil.Process]:
 def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):
     """SIGKILL one SuperNode (and its ClientApp) after the first round: the others finish the run."""
     work = tmp_path / "deploy"
-    # Generous timeout: a round here takes 20-40 s (each ClientApp message starts a Python process).
+    # Generous timeout: a round here takes about 20 s on 2 cores (Flower's processes and waits; see docs/deployment.md).
     overrides = ["num_tasks=2", "rounds_per_task=1", "num_clients=3", "local_epochs=1", "round_timeout=60", "min_replies=2"]
     proc = subprocess.Popen(["bash", str(DEPLOY), "-n", "3", "-w", str(work), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

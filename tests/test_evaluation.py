@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from fedcil.config import compose_config
-from fedcil.data import declared_shape, load_dataset
+from fedcil.data import load_dataset
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
+from fedcil.shapes import declared_shape
 from fedcil.cli.run import launch
 
 RUN = ["num_tasks=3", "classes_per_task=3", "rounds_per_task=2", "num_clients=3", "local_epochs=2", "backend=inprocess"]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from client_app.local_round import answer_request
 from fedcil.checkpoint import load_checkpoint
 from fedcil.config import compose_config, to_container
-from fedcil.data import declared_shape
+from fedcil.shapes import declared_shape
 from fedcil.cli.run import FlowerSite, launch
 from fedcil.model import model_for
 from fedcil.protocol import encode_request

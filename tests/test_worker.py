@@ -19,7 +19,7 @@ from client_app.local_round import answer
 from client_app.node import NodeJob
 from client_app.worker import WorkerError, ask, runtime_dir, worker_base
 from fedcil.config import compose_config
-from fedcil.data import declared_shape
+from fedcil.shapes import declared_shape
 from fedcil.errors import ConfigError
 from fedcil.model import model_for
 from fedcil.protocol import encode_request
@@ -30,9 +30,11 @@ HEAVY = ["torch", "timm", "peft", "transformers", "torchvision", "ray", "sklearn
 TINY = ("num_clients=3", "num_tasks=2", "rounds_per_task=1", "local_epochs=1", "partition=iid")
 
 
-def test_the_server_and_client_apps_import_without_the_heavy_stack():
-    """What Flower imports to load the apps: no torch, timm, PEFT, transformers or Ray."""
-    code = "import json, sys, client_app.app, server_app.app; print(json.dumps(sorted(sys.modules)))"
+def test_the_apps_and_launchers_import_without_the_heavy_stack():
+    """What Flower imports to load the apps, and fcil-run / fcil-sweep before they start Flower:
+    no torch, timm, PEFT, transformers or Ray."""
+    modules = "client_app.app, server_app.app, fedcil.cli.run, fedcil.cli.sweep"
+    code = f"import json, sys, {modules}; print(json.dumps(sorted(sys.modules)))"
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
     assert not [m for m in HEAVY if m in loaded]
     assert "client_app.node" in loaded and "client_app.local_round" not in loaded and "server_app.loop" not in loaded

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pathspec
 import psutil
 import tomli_w
 from omegaconf import DictConfig
@@ -180,14 +182,14 @@ def stop_superlink(port: int) -> None:
 
 
 def flower_env(site: FlowerSite) -> dict[str, str]:
-    """Environment for ``flwr``: the site, no telemetry, no per-run dependency installs, a 0.1 s task poll."""
+    """Environment for ``flwr``: the site, no telemetry, no per-run dependency installs, a 0.25 s task poll."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(site.home)
     env[PORT_VARIABLE] = str(site.port)
     env[CONTROL_PORT_VARIABLE] = str(site.control_port)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # Flower's default: a task waits up to 1 s
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")  # Flower's default: a task waits up to 1 s
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -209,8 +211,12 @@ def gpus_per_client(device: str, cuda_available: bool, num_gpus: float, clients_
 
 
 def cuda_visible(device: str) -> bool:
-    """Whether this process sees a CUDA device (torch is imported only when ``device`` may use one)."""
-    if device == "cpu":
+    """Whether this process sees a CUDA device.
+
+    torch (seconds to import) is asked only when ``device`` may use one and, on Linux, an
+    NVIDIA device file exists (CUDA needs one).
+    """
+    if device == "cpu" or (sys.platform == "linux" and not glob.glob("/dev/nvidia[0-9]*")):
         return False
     import torch
 
@@ -366,6 +372,26 @@ def run_site() -> tuple[FlowerSite, bool]:
     return FlowerSite.isolated(Path(tempfile.mkdtemp(prefix="fcil-flwr-"))), True
 
 
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """``dest``, holding a copy of the files of ``app_dir`` that its ``.gitignore`` does not ignore.
+
+    ``flwr run`` builds the app's FAB by visiting every file under the app directory, a
+    virtual environment's included, before it applies the ``.gitignore`` (seconds for a
+    ``.venv``); from this copy it builds the same FAB at once.
+    """
+    ignore = app_dir / ".gitignore"
+    spec = pathspec.PathSpec.from_lines("gitwildmatch", ignore.read_text().splitlines() if ignore.is_file() else [])
+    for root, dirs, files in os.walk(app_dir):
+        here = Path(root)
+        rel = here.relative_to(app_dir)
+        dirs[:] = [d for d in dirs if d != ".git" and not spec.match_file(f"{(rel / d).as_posix()}/")]
+        for name in files:
+            if not spec.match_file((rel / name).as_posix()) and not (here / name).is_symlink():
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(here / name, dest / rel / name)
+    return dest
+
+
 def run_flower(
     config_name: str, overrides: list[str], federation: str, keep_superlink: bool, site: FlowerSite | None,
     app_dir: Path,
@@ -382,10 +408,12 @@ def run_flower(
     stops_superlink = started_here and not keep_superlink
     # Through a TOML file: flwr's inline --run-config cannot carry quotes.
     run_config = site.home / f"run-config-{os.getpid()}.toml"
-    command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation, "--run-config", str(run_config)]
+    app = site.home / f"app-{os.getpid()}"
+    command = ["flwr", "run", str(app), "--stream", "--federation-config", federation, "--run-config", str(run_config)]
     proc, run_id, status, doomed = None, None, "", []
     try:
         run_config.write_text(tomli_w.dumps({"config-name": config_name, "overrides": shlex.join(overrides)}))
+        stage_app(app_dir, app)
         # Started outside the app directory, so that Ray workers import the installed app.
         proc = subprocess.Popen(command, env=env, cwd=site.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
@@ -410,6 +438,7 @@ def run_flower(
             end_process(proc)
             proc.stdout.close()
         run_config.unlink(missing_ok=True)
+        shutil.rmtree(app, ignore_errors=True)
         stop_processes([*doomed, *(superlink_family(site.port) if stops_superlink else [])])
         if stops_superlink and private:
             shutil.rmtree(site.home, ignore_errors=True)

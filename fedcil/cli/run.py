@@ -380,7 +380,7 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     ``.venv``); from this copy it builds the same FAB at once.
     """
     ignore = app_dir / ".gitignore"
-    spec = pathspec.PathSpec.from_lines("gitwildmatch", ignore.read_text().splitlines() if ignore.is_file() else [])
+    spec = pathspec.GitIgnoreSpec.from_lines(ignore.read_text().splitlines() if ignore.is_file() else [])
     for root, dirs, files in os.walk(app_dir):
         here = Path(root)
         rel = here.relative_to(app_dir)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,7 @@ from contextlib import redirect_stdout
 from datetime import datetime
 from pathlib import Path
 
+from bench.overhead import steady
 from fedcil.cli.run import APP_DIR, FlowerSite, launch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -42,10 +42,9 @@ NODES = 3
 def timings(results: dict, started_epoch: float, wall: float) -> dict:
     """Wall, start-up and steady s/round of one run from its ``results.json``."""
     rounds = [r["seconds"] for r in results["rounds"]]
-    steady = statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
     before_first = results["started_at"] + results["setup_seconds"] - started_epoch
     return {
-        "wall_s": wall, "startup_s": before_first + rounds[0] - steady, "steady_round_s": steady,
+        "wall_s": wall, "startup_s": before_first + rounds[0] - steady(rounds), "steady_round_s": steady(rounds),
         "round_s": rounds, "accuracy_matrix": results["accuracy_matrix"],
     }
 

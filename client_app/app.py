@@ -16,6 +16,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.node import NodeJob
+from fedcil.secagg.client import respond
 
 app = ClientApp()
 
@@ -40,15 +41,19 @@ def uses_warm_worker(context: Context) -> bool:
 
 
 def reply(msg: Message, context: Context) -> Message:
-    """Answer a request with this node's config and partition."""
+    """Answer a request with this node's config and partition (through secure aggregation's
+    stages when the request asks for them: :func:`fedcil.secagg.client.respond`)."""
     job = NodeJob.from_context(context)
-    content: RecordDict
+    content = respond(msg.content, context.state, context.node_id, lambda request: answer_plainly(job, request, context))
+    return Message(content=content, reply_to=msg)
+
+
+def answer_plainly(job: NodeJob, content: RecordDict, context: Context) -> RecordDict:
+    """The node's reply records to one round request: trained tensors, statistics or counts."""
     if uses_warm_worker(context):
         from client_app.worker import ask
 
-        content = ask(job, msg.content, node_id=context.node_id, watch_pid=os.getppid())
-    else:
-        from client_app.local_round import answer
+        return ask(job, content, node_id=context.node_id, watch_pid=os.getppid())
+    from client_app.local_round import answer
 
-        content = answer(job, msg.content)
-    return Message(content=content, reply_to=msg)
+    return answer(job, content)

@@ -70,12 +70,13 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's reply to a training round."""
+    """One client's reply to a training round (or, under secure aggregation, the sum of ``clients`` replies)."""
 
     node_id: int
     tensors: TensorDict
     num_examples: int
     loss: float
+    clients: int = 1
 
 
 def canonical_order(updates: list[ClientUpdate]) -> list[ClientUpdate]:

@@ -27,6 +27,8 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "precision": PRECISIONS,
     "model.head_init": HEAD_INITS,
+    "secagg.enabled": (True, False),
+    "secagg.modulus_bits": (32, 64),
 }
 
 
@@ -99,6 +101,9 @@ RANGES: dict[str, Range] = {
     "replies.max_examples": at_least(1),
     "replies.max_norm": positive(),
     "replies.clip_norm": positive(nullable=True),
+    "secagg.num_neighbours": at_least(2, nullable=True),
+    "secagg.threshold": Range(float, low=0.5, high=1, low_open=True),
+    "secagg.max_dropouts": at_least(0, nullable=True),
     "lora.rank": at_least(1),
     "lora.alpha": positive(),
     "lora.dropout": Range(float, low=0, high=1, high_open=True),
@@ -125,6 +130,20 @@ def evaluates_every_round(cfg: DictConfig) -> bool:
     return bool(cfg.eval_every_round)
 
 
+def check_secure_aggregation(cfg: DictConfig) -> None:
+    """What secure aggregation needs: no per-client clipping, at least 2 clients a round, a ring of even degree."""
+    if cfg.replies.clip_norm is not None:
+        raise ConfigError("replies.clip_norm clips each client's update, which secure aggregation hides; "
+                          "set replies.clip_norm=null or secagg.enabled=false")
+    sampled = max(1, int(round(cfg.fraction_train * cfg.num_clients)))
+    if sampled < 2:
+        raise ConfigError(f"secagg.enabled=true with {sampled} client a round (num_clients={cfg.num_clients}, "
+                          f"fraction_train={cfg.fraction_train}): a sum of one reply is that reply; use at least 2")
+    degree = cfg.secagg.num_neighbours
+    if degree is not None and degree % 2:
+        raise ConfigError(f"secagg.num_neighbours={degree} is odd; allowed: an even number >= 2 (a ring) or null (every client)")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Raise a one-line :class:`ConfigError` for the first setting outside its choices or range."""
     for key, valid in CHOICES.items():
@@ -137,6 +156,8 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.replies.clip_norm is not None and cfg.method.name in SUMS_OF_STATISTICS:
         raise ConfigError("replies.clip_norm applies to methods whose clients send trained tensors; "
                           f"{cfg.method.name} sends Gram summaries: set replies.clip_norm=null")
+    if cfg.secagg.enabled:
+        check_secure_aggregation(cfg)
     if cfg.min_replies > cfg.num_clients:
         raise ConfigError(f"min_replies={cfg.min_replies} exceeds num_clients={cfg.num_clients}; allowed: 1..{cfg.num_clients}")
     try:

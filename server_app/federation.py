@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -14,7 +14,7 @@ from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
 from fedcil.errors import ConfigError
-from fedcil.protocol import ClientUpdate
+from fedcil.protocol import ClientUpdate, RoundPlan
 
 
 @dataclass
@@ -32,6 +32,20 @@ class RoundExchange:
     sampled: list[int]
     failed: dict[int, str] = field(default_factory=dict)
     updates: list[ClientUpdate] = field(default_factory=list)
+
+
+Post = Callable[[Mapping[int, RecordDict], str], RoundExchange]
+"""Deliver each node (the keys) its request, all of one message type; the replies as received."""
+
+
+Send = Callable[[RoundPlan, int, int, list[int]], RoundExchange]
+"""Deliver a plan for (task, round) to nodes; the exchange with the replies as received (or,
+under secure aggregation, with their sum as its one update)."""
+
+
+def flower_post(grid: Grid, timeout: float | None) -> Post:
+    """A :data:`Post` over Flower messages on ``grid``."""
+    return lambda contents, kind: exchange(grid, contents, timeout, kind)
 
 
 def message_bytes(message: Message) -> int:
@@ -101,11 +115,10 @@ def push_and_pull(
     return replies
 
 
-def exchange(
-    grid: Grid, content: RecordDict, node_ids: list[int], timeout: float | None, kind: str = MessageType.TRAIN
-) -> RoundExchange:
-    """Send one request (a ``kind`` message: train or evaluate) to each node and collect the replies."""
-    messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in node_ids]
+def exchange(grid: Grid, contents: Mapping[int, RecordDict], timeout: float | None, kind: str = MessageType.TRAIN) -> RoundExchange:
+    """Send each node its request (``kind`` messages: train or evaluate) and collect the replies."""
+    node_ids = list(contents)
+    messages = [Message(content=contents[n], message_type=kind, dst_node_id=n) for n in node_ids]
     result = RoundExchange(replies=[], bytes_up=0, bytes_down=sum(message_bytes(m) for m in messages), sampled=node_ids)
     replied = set()
     replies = push_and_pull(grid, messages, timeout)

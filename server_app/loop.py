@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -24,8 +23,10 @@ from fedcil.results import finish_run, resolve_output_dir
 from fedcil.settings import check_settings, evaluates_every_round
 from fedcil.tasks import TaskSplit, split_for
 from fedcil.training import accuracies, correct_per_task, evaluate_seen_tasks
-from server_app.federation import RoundExchange, exchange, sample_nodes, wait_for_federation, wait_for_nodes
-from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped
+from fedcil.secagg.server import SecAggSettings
+from server_app.federation import Post, RoundExchange, Send, flower_post, sample_nodes, wait_for_federation, wait_for_nodes
+from server_app.secure import secure_sender
+from server_app.validation import InvalidReply, ReplyLimits, TooFewReplies, checked_update, clipped
 from strategies import FederatedStrategy, build_strategy
 
 
@@ -86,7 +87,7 @@ class ClientEvaluator:
         result = self.send(strategy.evaluation_plan(), task, round_in_task, self.nodes)
         correct = sum(u.tensors[EVAL_CORRECT] for u in result.updates)
         counts = sum(u.tensors[EVAL_COUNT] for u in result.updates)
-        correct, counts = [int(c) for c in correct.tolist()], [int(n) for n in counts.tolist()]
+        correct, counts = [round(c) for c in correct.tolist()], [round(n) for n in counts.tolist()]
         return Evaluation(accuracies(correct, counts), counts, result.bytes_up, result.bytes_down)
 
 
@@ -102,10 +103,6 @@ def server_model(cfg: DictConfig) -> tuple[FCILModel, TaskSplit, Experiment | No
         experiment = experiment_for(cfg)
         shape, split = experiment.data, experiment.split
     return model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size), split, experiment
-
-
-Send = Callable[[RoundPlan, int, int, list[int]], RoundExchange]
-"""Deliver a plan for (task, round) to nodes; the exchange with the replies as received."""
 
 
 def train_round(
@@ -131,18 +128,23 @@ def train_round(
     return result
 
 
-def flower_sender(grid: Grid, round_timeout: float | None) -> Send:
-    """A :data:`Send` over Flower messages on ``grid`` (replies not yet checked)."""
+def plain_sender(post: Post) -> Send:
+    """A :data:`Send` that delivers every node the plan's request (replies not yet checked)."""
 
     def send(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
-        kind = MessageType.EVALUATE if plan.evaluates else MessageType.TRAIN
-        return exchange(grid, encode_request(plan, task, round_in_task), nodes, round_timeout, kind)
+        content = encode_request(plan, task, round_in_task)
+        return post({node: content for node in nodes}, MessageType.EVALUATE if plan.evaluates else MessageType.TRAIN)
 
     return send
 
 
-class TooFewReplies(RuntimeError):
-    """Fewer valid replies than ``min_replies``: the run stops, its last checkpoint kept."""
+def checked_sender(post: Post, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
+    """The run's :data:`Send`: replies checked one by one (:func:`screened`), or securely summed
+    (:func:`server_app.secure.secure_sender`) with ``secagg.enabled``."""
+    settings = SecAggSettings.from_config(cfg.secagg)
+    if settings.enabled:
+        return secure_sender(post, strategy, settings, ReplyLimits.from_config(cfg), cfg.min_replies)
+    return screened(plain_sender(post), cfg, strategy)
 
 
 def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
@@ -184,7 +186,7 @@ def round_record(task: int, round_in_task: int, result: RoundExchange, accuracy:
     """One round's entry of ``results.json`` (``rounds``)."""
     updates = result.updates
     return {
-        "task": task, "round": round_in_task, "clients": len(updates),
+        "task": task, "round": round_in_task, "clients": sum(u.clients for u in updates),
         "loss": float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates])),
         "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
         "seconds": seconds, "missing": sorted(result.failed),
@@ -206,11 +208,11 @@ def run_experiment(grid: Grid, config_name: str, overrides: list[str]) -> dict:
         nodes = wait_for_federation(grid, cfg.node_wait_seconds)
         cfg = compose_config(config_name, [*overrides, f"num_clients={len(nodes)}"])
         log(INFO, "num_clients=%d, the federation's SuperNodes (set num_clients to require a number)", len(nodes))
-    return run_rounds(flower_sender(grid, cfg.round_timeout), nodes, cfg, started)
+    return run_rounds(flower_post(grid, cfg.round_timeout), nodes, cfg, started)
 
 
-def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | None = None) -> dict:
-    """Every task and round of ``cfg`` through ``send`` to ``nodes``; write and return the results.
+def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | None = None) -> dict:
+    """Every task and round of ``cfg`` through ``post`` to ``nodes``; write and return the results.
 
     The one task/round loop, whatever carries the messages (Flower, or the in-process
     sender of :mod:`fedcil.cli.inprocess`). ``started`` (``time.monotonic()``) counts
@@ -222,7 +224,7 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
     output_dir = resolve_output_dir(cfg)
     model, split, experiment = server_model(cfg)
     strategy = build_strategy(cfg, split, model.initial_state)
-    send = screened(send, cfg, strategy)
+    send = checked_sender(post, cfg, strategy)
     evaluator = ClientEvaluator(send, nodes) if experiment is None else ServerEvaluator(cfg, experiment, model)
     rng = np.random.default_rng(cfg.seed)
     num_tasks, rounds_per_task = split.num_tasks, cfg.rounds_per_task
@@ -269,7 +271,7 @@ def run_rounds(send: Send, nodes: list[int], cfg: DictConfig, started: float | N
             eta = (time.monotonic() - started) / (len(rounds) - restored) * remaining
             log(INFO, "[task %d/%d round %d/%d] loss %.4f  acc(seen) %s  clients %d  %.1fs  ETA %ds",
                 task + 1, num_tasks, round_in_task + 1, rounds_per_task, rounds[-1]["loss"],
-                "-" if accuracy is None else f"{accuracy:.2f}%", len(result.updates), rounds[-1]["seconds"], eta)
+                "-" if accuracy is None else f"{accuracy:.2f}%", rounds[-1]["clients"], rounds[-1]["seconds"], eta)
 
     diagnostics = evaluator.diagnose(strategy, num_tasks - 1) if isinstance(evaluator, ServerEvaluator) else {}
     timing = (started, started_at, setup_seconds)

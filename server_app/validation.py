@@ -32,6 +32,10 @@ class InvalidReply(ValueError):
     """A client reply that must not reach a merge; the message says why."""
 
 
+class TooFewReplies(RuntimeError):
+    """Fewer valid replies than a round needs: the run stops, its last checkpoint kept."""
+
+
 @dataclass(frozen=True)
 class ReplyLimits:
     """Bounds on what a reply may claim (``replies`` in the config)."""
@@ -52,6 +56,11 @@ def checked_update(node_id: int, content: RecordDict, expected: Shapes, limits: 
         update = decode_reply(node_id, content)
     except Exception as exc:  # whatever the bytes make the decoder raise
         raise InvalidReply(f"cannot decode: {type(exc).__name__}: {exc}") from None
+    return checked(update, expected, limits)
+
+
+def checked(update: ClientUpdate, expected: Shapes, limits: ReplyLimits) -> ClientUpdate:
+    """``update`` if its count, loss and tensors are within ``limits`` and ``expected``; :class:`InvalidReply` otherwise."""
     n = update.num_examples
     if type(n) is not int or not 0 <= n <= limits.max_examples:
         raise InvalidReply(f"num-examples={n!r} is not an integer in 0..{limits.max_examples}")

@@ -53,9 +53,20 @@ def check_split(name: str, split: TaskSplit) -> None:
         )
 
 
+def check_secure(name: str, secure: bool) -> None:
+    """Refuse secure aggregation (``secure``) for a method whose merge needs each client's reply."""
+    if secure and method_class(name).secure_sum is None:
+        supported = sorted(n for n in METHODS.names() if METHODS.get(n).secure_sum is not None)
+        raise ConfigError(
+            f"secagg.enabled=true: method={name} merges each client's own factors, which secure aggregation hides; "
+            f"methods that support it: {', '.join(supported)}"
+        )
+
+
 def build_strategy(cfg: DictConfig, split: TaskSplit, initial_state: TensorDict) -> FederatedStrategy:
     """The strategy named by ``cfg.method.name`` for a run with task split ``split``, starting from ``initial_state``."""
     check_split(cfg.method.name, split)
+    check_secure(cfg.method.name, bool(cfg.secagg.enabled))
     return method_class(cfg.method.name).from_config(cfg, split, initial_state)
 
 

@@ -69,6 +69,7 @@ class Analytic(FederatedStrategy):
     """
 
     trains_masked_head = False
+    secure_sum = "sum"
 
     def __init__(self, initial_state: TensorDict, ridge: float = 1e-3) -> None:
         super().__init__({k: initial_state[k] for k in ("head.weight", "head.bias")})

@@ -71,6 +71,10 @@ class FederatedStrategy(ABC):
     """
 
     trains_masked_head = True
+    secure_sum: str | None = None
+    """How replies add up under secure aggregation (``secagg``): ``sum`` (the merge needs only
+    the sum of the replies), ``mean`` (a sample-weighted mean: clients send ``n_k * T_k``),
+    or None (the merge needs each client's reply: no secure aggregation)."""
 
     def __init__(self, initial_state: TensorDict) -> None:
         self.state: TensorDict = {k: v.clone() for k, v in initial_state.items()}

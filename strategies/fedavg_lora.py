@@ -20,9 +20,11 @@ class FedAvgLoRA(FederatedStrategy):
     """Average A, B and the head separately by sample share, every round."""
 
     train_groups = ("lora_A", "lora_B", "head")
+    secure_sum = "mean"
 
     def configure_round(self, task: int, round_in_task: int) -> RoundPlan:
         return RoundPlan(state=self.state, train_groups=self.train_groups)
 
     def aggregate_round(self, task: int, round_in_task: int, updates: list[ClientUpdate]) -> None:
-        self.state.update(average_updates(updates, list(updates[0].tensors)))
+        averages = average_updates(updates, list(updates[0].tensors))
+        self.state.update({key: value.to(self.state[key].dtype) for key, value in averages.items()})

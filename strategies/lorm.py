@@ -161,6 +161,8 @@ class LoRM(FederatedStrategy):
     settings : :class:`LoRMSettings`.
     """
 
+    secure_sum = "sum"
+
     def __init__(
         self, initial_state: TensorDict, split: TaskSplit, scaling: float, seed: int, settings: LoRMSettings = LoRMSettings()
     ) -> None:

@@ -12,8 +12,8 @@ actors do. A client that raises stops the run (its last checkpoint is kept).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from concurrent.futures import Executor
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -22,9 +22,9 @@ from flwr.common.serde import recorddict_to_proto
 from omegaconf import DictConfig
 
 from client_app.local_round import answer_request
-from fedcil.protocol import RoundPlan, encode_request
-from server_app.federation import RoundExchange
-from server_app.loop import Send, run_rounds
+from fedcil.secagg.client import respond
+from server_app.federation import Post, RoundExchange
+from server_app.loop import run_rounds
 
 
 def records_bytes(content: RecordDict) -> int:
@@ -53,27 +53,41 @@ def pooled_answer(cfg: DictConfig, content: RecordDict, partition_id: int) -> Re
         return answer_request(cfg, content, partition_id, cfg.num_clients)
 
 
-def inprocess_sender(cfg: DictConfig, executor: Executor | None = None) -> Send:
-    """A :data:`server_app.loop.Send` whose node ``k`` is partition ``k``, trained here or in ``executor``."""
+def inprocess_post(cfg: DictConfig, executor: Executor | None = None) -> Post:
+    """A :data:`server_app.federation.Post` whose node ``k`` is partition ``k``, trained here or in ``executor``.
 
-    def send(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
-        content = encode_request(plan, task, round_in_task)
+    Each node keeps its state between messages, as a SuperNode's ``context.state`` does
+    (secure aggregation's stages need it).
+    """
+    states: dict[int, RecordDict] = {}
+
+    def plain(content: RecordDict, node: int) -> RecordDict:
+        if executor is None:
+            return answer_request(cfg, content, node, cfg.num_clients)
+        return executor.submit(pooled_answer, cfg, content, node).result()
+
+    def client(node: int, content: RecordDict) -> RecordDict:
+        return respond(content, states.setdefault(node, RecordDict()), node, lambda request: plain(request, node))
+
+    def post(contents: Mapping[int, RecordDict], kind: str) -> RoundExchange:
+        nodes = list(contents)
         if executor is None:
             with client_threads(cfg):
-                replies = [answer_request(cfg, content, n, cfg.num_clients) for n in nodes]
+                replies = [client(node, contents[node]) for node in nodes]
         else:
-            replies = list(executor.map(pooled_answer, [cfg] * len(nodes), [content] * len(nodes), nodes))
+            with ThreadPoolExecutor(max(1, len(nodes))) as threads:
+                replies = list(threads.map(client, nodes, [contents[node] for node in nodes]))
         return RoundExchange(
             replies=list(zip(nodes, replies)),
             bytes_up=sum(records_bytes(r) for r in replies),
-            bytes_down=records_bytes(content) * len(nodes),
+            bytes_down=sum(records_bytes(c) for c in contents.values()),
             sampled=nodes,
         )
 
-    return send
+    return post
 
 
 def run_inprocess(cfg: DictConfig, executor: Executor | None = None) -> dict:
     """Run ``cfg`` with ``num_clients`` in-process clients; write and return the results."""
     started = time.monotonic()
-    return run_rounds(inprocess_sender(cfg, executor), list(range(cfg.num_clients)), cfg, started)
+    return run_rounds(inprocess_post(cfg, executor), list(range(cfg.num_clients)), cfg, started)

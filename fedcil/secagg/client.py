@@ -1,0 +1,191 @@
+"""A client's side of a secure-aggregation round: four stages, each a request and a reply.
+
+1. ``setup``: the request is an ordinary round request; the client answers it (trains),
+   keeps its reply as a vector, and sends only two fresh public keys, a commitment to a
+   fresh self-mask seed, its reply's layout and the range exponent of each segment.
+2. ``share-keys``: given its neighbours' public keys, it Shamir-shares its seed and its
+   mask private key (its secret scalar) among itself and its neighbours, and sends each share encrypted for
+   its holder.
+3. ``collect``: given the shares its neighbours sent it, it sends its encoded vector plus
+   the self-mask and one pairwise mask per neighbour that shared keys.
+4. ``unmask``: given who sent a vector and who dropped out, it sends the seed shares of
+   the first and the mask-key shares of the second, never both for one client.
+
+State between stages lives in a :class:`~flwr.app.RecordDict` (Flower's ``context.state``);
+a request for a stage out of order, for another round, or that would reveal both secrets
+of a client raises :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedcil.secagg import masks
+from fedcil.secagg.encoding import FixedPoint, range_exponent
+
+RECORD = "secagg"  # the ConfigRecord of every secure-aggregation request and reply
+VECTOR = "secagg-vector"  # the ArrayRecord a client keeps its vector in, and sends it masked in
+STAGES = ("setup", "share-keys", "collect", "unmask")
+COUNT, LOSS = "#num-examples", "#loss-sum"  # the last two segments of every vector
+
+
+class ProtocolError(ValueError):
+    """A secure-aggregation message that must not be acted on; the message says why."""
+
+
+def reply_vector(content: RecordDict, weighted: bool) -> tuple[list[str], list[int], np.ndarray]:
+    """The layout (names, sizes) and float64 vector of a plain reply's records.
+
+    The tensors in name order (times ``num-examples`` when ``weighted``), then the count
+    and ``num-examples * train-loss``.
+    """
+    tensors = {name: array.numpy().astype(np.float64).ravel() for name, array in content.array_records["update"].items()}
+    metrics = content.metric_records["metrics"]
+    count, loss = float(metrics["num-examples"]), float(metrics["train-loss"])
+    names = sorted(tensors)
+    parts = [tensors[name] * count if weighted else tensors[name] for name in names]
+    parts += [np.array([count]), np.array([count * loss])]
+    return [*names, COUNT, LOSS], [part.size for part in parts], np.concatenate(parts)
+
+
+def pairwise_sign(node: int, other: int) -> int:
+    """+1 or -1: the sign ``node`` gives its mask shared with ``other`` (the two cancel in a sum)."""
+    return 1 if node > other else -1
+
+
+def _state(state: RecordDict, request: ConfigRecord, stage: str) -> ConfigRecord:
+    """The client's record for this request's round, which must be at the stage before ``stage``."""
+    if RECORD not in state.config_records:
+        raise ProtocolError(f"secagg stage {stage!r} without a round in progress")
+    record = state.config_records[RECORD]
+    before = STAGES[STAGES.index(stage) - 1]
+    if record["session"] != request["session"]:
+        raise ProtocolError(f"secagg stage {stage!r} for another round")
+    if record["stage"] != before:
+        raise ProtocolError(f"secagg stage {stage!r} after {record['stage']!r}; expected after {before!r}")
+    return record
+
+
+def _reply(request: ConfigRecord, **fields: object) -> ConfigRecord:
+    return ConfigRecord({"stage": request["stage"], "session": request["session"], **fields})  # type: ignore[arg-type]
+
+
+def setup(request: ConfigRecord, answer: RecordDict, node: int, state: RecordDict) -> RecordDict:
+    """Stage 1: keep the plain reply ``answer`` as a vector; send keys, commitment, layout, ranges."""
+    names, sizes, vector = reply_vector(answer, bool(request["weighted"]))
+    encryption_private, encryption_public = masks.new_key_pair()
+    mask_private, mask_public = masks.new_key_pair()
+    seed = masks.new_seed()
+    bounds = np.cumsum([0, *sizes])
+    exponents = [range_exponent(vector[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+    state.config_records[RECORD] = ConfigRecord({
+        "stage": "setup", "session": request["session"], "node": str(node), "bits": int(request["bits"]),
+        "encryption-private": encryption_private, "mask-private": mask_private, "seed": seed, "exponents": exponents,
+        "sizes": sizes,
+    })
+    state.array_records[VECTOR] = ArrayRecord({"values": Array(vector)})
+    return RecordDict({RECORD: _reply(
+        request, **{"encryption-key": encryption_public, "mask-key": mask_public,
+                    "seed-commitment": masks.commitment(seed), "names": names, "sizes": sizes, "exponents": exponents},
+    )})
+
+
+def share_keys(request: ConfigRecord, state: RecordDict) -> RecordDict:
+    """Stage 2: Shamir-share the seed and the mask private key among the neighbours and this client."""
+    record = _state(state, request, "share-keys")
+    node = int(record["node"])
+    neighbours = [int(n) for n in request["neighbours"]]
+    threshold, holders = int(request["threshold"]), len(neighbours) + 1
+    if node in neighbours or len(set(neighbours)) != len(neighbours):
+        raise ProtocolError("secagg neighbours repeat a node or include this client")
+    if not holders / 2 < threshold <= holders:
+        raise ProtocolError(f"secagg threshold {threshold} for {holders} share holders; allowed: more than half, at most all")
+    exponents = [int(e) for e in request["exponents"]]
+    if len(exponents) != len(record["exponents"]) or any(e < own for e, own in zip(exponents, record["exponents"])):
+        raise ProtocolError("secagg exponents do not cover this client's ranges")
+    seed_shares = masks.split_secret(record["seed"], threshold, holders)
+    key_shares = masks.split_secret(masks.private_scalar(record["mask-private"]), threshold, holders)
+    ciphertexts = []
+    for index, (other, public) in enumerate(zip(neighbours, request["encryption-keys"], strict=True)):
+        key = masks.shared_secret(record["encryption-private"], public)
+        ciphertexts.append(masks.seal_shares(key, node, other, seed_shares[index], key_shares[index]))
+    record.update({
+        "stage": "share-keys", "neighbours": [str(n) for n in neighbours], "encryption-keys": list(request["encryption-keys"]),
+        "mask-keys": list(request["mask-keys"]), "threshold": threshold, "exponents": exponents,
+        "clients": int(request["clients"]), "own-seed-share": seed_shares[-1], "own-key-share": key_shares[-1],
+    })
+    return RecordDict({RECORD: _reply(request, destinations=[str(n) for n in neighbours], shares=ciphertexts)})
+
+
+def collect(request: ConfigRecord, state: RecordDict) -> RecordDict:
+    """Stage 3: keep the shares sent to this client; send the masked, encoded vector."""
+    record = _state(state, request, "collect")
+    node, bits = int(record["node"]), int(record["bits"])
+    neighbours = [int(n) for n in record["neighbours"]]
+    sources = [int(n) for n in request["sources"]]
+    if not set(sources) <= set(neighbours) or len(set(sources)) != len(sources):
+        raise ProtocolError("secagg shares from clients that are not this client's neighbours")
+    if len(sources) + 1 < int(record["threshold"]):
+        raise ProtocolError(f"secagg: {len(sources)} neighbours shared keys, fewer than the threshold needs")
+    kept = []
+    for source, ciphertext in zip(sources, request["shares"], strict=True):
+        public = record["encryption-keys"][neighbours.index(source)]
+        try:
+            src, dst, seed_share, key_share = masks.open_shares(masks.shared_secret(record["encryption-private"], public), ciphertext)
+        except Exception as exc:  # tampered, truncated or foreign ciphertext
+            raise ProtocolError(f"secagg share from {source} does not decrypt: {type(exc).__name__}") from None
+        if (src, dst) != (source, node):
+            raise ProtocolError(f"secagg share from {source} is addressed from {src} to {dst}")
+        kept += [seed_share, key_share]
+    values = state.array_records[VECTOR]["values"].numpy()
+    exponents = tuple(int(e) for e in record["exponents"])
+    layout = FixedPoint(bits, int(record["clients"]), exponents, tuple(int(n) for n in record["sizes"]))
+    masked = layout.encode(values) + masks.mask(record["seed"], record["session"], layout.length, bits)
+    for source in sources:
+        secret = masks.shared_secret(record["mask-private"], record["mask-keys"][neighbours.index(source)])
+        pairwise = masks.mask(secret, record["session"], layout.length, bits)
+        masked = masked + pairwise if pairwise_sign(node, source) > 0 else masked - pairwise
+    record.update({"stage": "collect", "sources": [str(s) for s in sources], "held": kept})
+    del state.array_records[VECTOR]
+    return RecordDict({RECORD: _reply(request), VECTOR: ArrayRecord({"values": Array(masked)})})
+
+
+def unmask(request: ConfigRecord, state: RecordDict) -> RecordDict:
+    """Stage 4: seed shares of the clients that sent a vector, key shares of those that dropped."""
+    record = _state(state, request, "unmask")
+    node = int(record["node"])
+    survivors, dropped = {int(n) for n in request["survivors"]}, {int(n) for n in request["dropped"]}
+    held = {int(s): (record["held"][2 * i], record["held"][2 * i + 1]) for i, s in enumerate(record["sources"])}
+    held[node] = (record["own-seed-share"], record["own-key-share"])
+    if survivors & dropped:
+        raise ProtocolError("secagg: a client is both a survivor and dropped (that would reveal its vector)")
+    if node not in survivors or not (survivors | dropped) <= set(held):
+        raise ProtocolError("secagg: survivors or dropped clients this client holds no shares of")
+    if len(survivors) < int(record["threshold"]):
+        raise ProtocolError(f"secagg: {len(survivors)} survivors among this client's neighbours, fewer than the threshold")
+    del state.config_records[RECORD]  # one unmasking per round: a replay finds no round in progress
+    seed_owners, key_owners = sorted(survivors), sorted(dropped)
+    return RecordDict({RECORD: _reply(
+        request, **{"seed-owners": [str(n) for n in seed_owners], "seed-shares": [held[n][0] for n in seed_owners],
+                    "key-owners": [str(n) for n in key_owners], "key-shares": [held[n][1] for n in key_owners]},
+    )})
+
+
+def respond(content: RecordDict, state: RecordDict, node: int, answer: Callable[[RecordDict], RecordDict]) -> RecordDict:
+    """A client's reply to a request: the plain ``answer`` unless the request is a secure-aggregation stage."""
+    if RECORD not in content.config_records:
+        return answer(content)
+    request = content.config_records[RECORD]
+    stage = request.get("stage")
+    if stage == "setup":
+        return setup(request, answer(content), node, state)
+    if stage == "share-keys":
+        return share_keys(request, state)
+    if stage == "collect":
+        return collect(request, state)
+    if stage == "unmask":
+        return unmask(request, state)
+    raise ProtocolError(f"unknown secagg stage {stage!r}; valid choices: {', '.join(STAGES)}")

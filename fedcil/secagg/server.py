@@ -1,0 +1,137 @@
+"""The server's side of secure aggregation, as pure functions: who shares with whom, how many
+shares rebuild a secret, and how the masks come off the sum."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedcil.secagg import masks
+from fedcil.secagg.client import pairwise_sign
+from fedcil.secagg.encoding import MODULUS_BITS, FixedPoint
+
+MAX_COMBINATIONS = 64  # subsets of shares tried before a secret is declared unrecoverable
+
+
+class SecAggFailed(RuntimeError):
+    """A round whose sum cannot be recovered (too few clients or shares); the message says why."""
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """``secagg`` in the config.
+
+    Parameters
+    ----------
+    enabled : run every exchange of the run through secure aggregation.
+    num_neighbours : share keys and masks with this many other clients (an even number: a
+        ring, SecAgg+); None: with every other client of the round (SecAgg).
+    threshold : share of a client's share holders (its neighbours and itself) whose shares
+        rebuild its secrets; above one half, so that no set of replies yields both.
+    max_dropouts : most clients that may drop out of a round after sharing keys (None: as
+        many as the threshold allows); a round with more stops the run.
+    modulus_bits : 32 or 64: the size of every encoded entry (precision against bytes).
+    """
+
+    enabled: bool = False
+    num_neighbours: int | None = None
+    threshold: float = 0.6
+    max_dropouts: int | None = None
+    modulus_bits: int = 64
+
+    @classmethod
+    def from_config(cls, secagg: Mapping[str, Any]) -> SecAggSettings:
+        neighbours, dropouts = secagg["num_neighbours"], secagg["max_dropouts"]
+        return cls(
+            bool(secagg["enabled"]), None if neighbours is None else int(neighbours), float(secagg["threshold"]),
+            None if dropouts is None else int(dropouts), int(secagg["modulus_bits"]),
+        )
+
+    def __post_init__(self) -> None:
+        if self.modulus_bits not in MODULUS_BITS:
+            raise ValueError(f"secagg.modulus_bits={self.modulus_bits!r}; valid choices: 32, 64")
+
+
+def neighbourhoods(nodes: Sequence[int], degree: int | None, session: bytes) -> dict[int, list[int]]:
+    """Each node's neighbours: all others, or ``degree // 2`` on each side in a ring shuffled by ``session``.
+
+    The graph is symmetric: ``j`` is a neighbour of ``k`` exactly when ``k`` is one of ``j``.
+    """
+    order = sorted(nodes, key=lambda n: hashlib.sha256(session + str(n).encode()).digest())
+    if degree is None or degree >= len(order) - 1:
+        return {n: [m for m in order if m != n] for n in order}
+    half, size = degree // 2, len(order)
+    return {
+        node: [order[(i + step) % size] for step in range(-half, half + 1) if step != 0]
+        for i, node in enumerate(order)
+    }
+
+
+def threshold_of(holders: int, share: float) -> int:
+    """Shares needed to rebuild a secret split among ``holders``: ``ceil(share * holders)``, more than half."""
+    return min(holders, max(holders // 2 + 1, math.ceil(share * holders)))
+
+
+def rebuild_checked(shares: Sequence[bytes], threshold: int, valid: Callable[[bytes], bool], owner: int) -> bytes:
+    """The secret that ``threshold`` of ``shares`` rebuild and ``valid`` accepts.
+
+    Subsets are tried in turn (at most :data:`MAX_COMBINATIONS`), so tampered shares are
+    outvoted while enough honest ones are left.
+    """
+    if len(shares) < threshold:
+        raise SecAggFailed(f"node {owner}: {len(shares)} shares of its secret came back, {threshold} needed")
+    for subset in itertools.islice(itertools.combinations(shares, threshold), MAX_COMBINATIONS):
+        try:
+            secret = masks.rebuild_secret(list(subset))
+            if valid(secret):
+                return secret
+        except Exception:  # a tampered share makes garbage or a padding error
+            continue
+    raise SecAggFailed(f"node {owner}: no {threshold} of its {len(shares)} shares rebuild its committed secret")
+
+
+def _valid_scalar(public: bytes) -> Callable[[bytes], bool]:
+    """Whether a rebuilt secret scalar is the private key of ``public``."""
+
+    def valid(scalar: bytes) -> bool:
+        try:
+            return masks.public_of(masks.private_from_scalar(scalar)) == public
+        except Exception:  # not a scalar of the curve
+            return False
+
+    return valid
+
+
+def unmasked_sum(
+    masked: Mapping[int, np.ndarray], dropped: Sequence[int], neighbours: Mapping[int, Sequence[int]],
+    mask_keys: Mapping[int, bytes], commitments: Mapping[int, bytes], thresholds: Mapping[int, int],
+    seed_shares: Mapping[int, Sequence[bytes]], key_shares: Mapping[int, Sequence[bytes]],
+    session: bytes, encoding: FixedPoint,
+) -> np.ndarray:
+    """The float64 sum of the survivors' vectors (the keys of ``masked``).
+
+    Adds the masked vectors up modulo ``2**bits``, removes each survivor's self-mask (its
+    seed rebuilt from shares and checked against its commitment) and the pairwise masks
+    survivors shared with ``dropped`` clients (their mask keys rebuilt and checked against
+    their public keys), and decodes.
+    """
+    total = np.zeros(encoding.length, dtype=encoding.dtype)
+    for vector in masked.values():
+        total += vector
+    for node in masked:
+        seed = rebuild_checked(seed_shares.get(node, []), thresholds[node], lambda s, c=commitments[node]: masks.commitment(s) == c, node)
+        total -= masks.mask(seed, session, encoding.length, encoding.bits)
+    for node in dropped:
+        scalar = rebuild_checked(key_shares.get(node, []), thresholds[node], _valid_scalar(mask_keys[node]), node)
+        private = masks.private_from_scalar(scalar)
+        for survivor in neighbours[node]:
+            if survivor in masked:
+                pairwise = masks.mask(masks.shared_secret(private, mask_keys[survivor]), session, encoding.length, encoding.bits)
+                total = total - pairwise if pairwise_sign(survivor, node) > 0 else total + pairwise
+    return encoding.decode(total)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +22,7 @@ from fedcil.shapes import declared_shape
 from fedcil.cli.run import FlowerSite, launch
 from fedcil.model import model_for
 from fedcil.protocol import encode_request
-from fedcil.cli.inprocess import inprocess_sender, run_inprocess
+from fedcil.cli.inprocess import inprocess_post, run_inprocess
 from server_app.loop import TooFewReplies, run_rounds
 from fedcil.tasks import split_for
 from server_app.validation import InvalidReply, ReplyLimits, checked_update, clipped
@@ -198,37 +198,43 @@ def test_clipping_scales_the_update_to_the_bound_and_leaves_small_ones(fedavg):
         torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7)
 
 
-def adversarial_sender(cfg, victim: int = 0, from_round: int = 0):
-    """The in-process sender, with ``victim``'s training replies corrupted (attacks in turn) from a round on."""
-    honest = inprocess_sender(cfg)
+def position_of(contents) -> tuple[int, int]:
+    """(task, round) of a round's requests."""
+    config = next(iter(contents.values())).config_records["config"]
+    return int(config["task"]), int(config["round"])
 
-    def send(plan, task, round_in_task, nodes):
-        result = honest(plan, task, round_in_task, nodes)
-        position = task * cfg.rounds_per_task + round_in_task
-        if not plan.extra.get("evaluate") and position >= from_round:
+
+def adversarial_post(cfg, victim: int = 0, from_round: int = 0):
+    """The in-process post, with ``victim``'s training replies corrupted (attacks in turn) from a round on."""
+    honest = inprocess_post(cfg)
+
+    def post(contents, kind):
+        result = honest(contents, kind)
+        task, round_in_task = position_of(contents)
+        if kind == MessageType.TRAIN and task * cfg.rounds_per_task + round_in_task >= from_round:
             attack = attack_of(task, round_in_task, cfg.rounds_per_task)
             result.replies = [(n, corrupt(c, attack) if n == victim else c) for n, c in result.replies]
         return result
 
-    return send
+    return post
 
 
 def without_node(cfg, victim: int = 0):
-    """The in-process sender whose node ``victim`` never answers: the reference for an excluded client."""
-    honest = inprocess_sender(cfg)
+    """The in-process post whose node ``victim`` never answers: the reference for an excluded client."""
+    honest = inprocess_post(cfg)
 
-    def send(plan, task, round_in_task, nodes):
-        result = honest(plan, task, round_in_task, [n for n in nodes if n != victim])
+    def post(contents, kind):
+        result = honest({n: c for n, c in contents.items() if n != victim}, kind)
         result.failed[victim] = "left out"
         return result
 
-    return send
+    return post
 
 
 def test_too_few_valid_replies_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
     cfg = compose_config("config", [*TINY, "min_replies=3", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(TooFewReplies, match="2 valid client replies, min_replies=3 needed"):
-        run_rounds(adversarial_sender(cfg, from_round=2), [0, 1, 2], cfg)
+        run_rounds(adversarial_post(cfg, from_round=2), [0, 1, 2], cfg)
     checkpoint, _ = load_checkpoint(tmp_path / "run", to_container(cfg))
     assert (checkpoint.task, checkpoint.round_in_task) == (0, 1)
     resumed = compose_config("config", [*TINY, "min_replies=3", f"resume={tmp_path / 'run'}", f"output_dir={tmp_path / 'run'}"])
@@ -254,28 +260,29 @@ def test_a_flower_simulation_with_an_adversarial_client_equals_the_run_without_i
     assert [r["loss"] for r in attacked["rounds"]] == pytest.approx([r["loss"] for r in reference["rounds"]], rel=1e-12)
 
 
-def boosting_sender(cfg, factor: float, victim: int = 0):
-    """The in-process sender whose ``victim`` sends its update (trained minus sent) times ``factor``.
+def boosting_post(cfg, factor: float, victim: int = 0):
+    """The in-process post whose ``victim`` sends its update (trained minus sent) times ``factor``.
 
     A valid-looking reply (right names and shapes, finite, far under ``replies.max_norm``):
     only robust aggregation can limit it.
     """
-    honest = inprocess_sender(cfg)
+    honest = inprocess_post(cfg)
 
-    def send(plan, task, round_in_task, nodes):
-        result = honest(plan, task, round_in_task, nodes)
-        if not plan.extra.get("evaluate"):
+    def post(contents, kind):
+        result = honest(contents, kind)
+        if kind == MessageType.TRAIN:
             boosted = []
             for node, content in result.replies:
                 if node == victim:
-                    tensors = {k: plan.state[k] + factor * (v - plan.state[k])
+                    sent = contents[node].array_records["state"].to_torch_state_dict()
+                    tensors = {k: sent[k] + factor * (v - sent[k])
                                for k, v in content.array_records["update"].to_torch_state_dict().items()}
                     content = RecordDict({"update": ArrayRecord(tensors), "metrics": content.metric_records["metrics"]})
                 boosted.append((node, content))
             result.replies = boosted
         return result
 
-    return send
+    return post
 
 
 def test_norm_clipping_withstands_a_boosted_update(tmp_path):
@@ -286,8 +293,8 @@ def test_norm_clipping_withstands_a_boosted_update(tmp_path):
     run = [*TINY, "local_epochs=3"]
     honest = run_inprocess(compose_config("config", [*run, f"output_dir={tmp_path / 'honest'}"]))["faa"]
     plain = compose_config("config", [*run, f"output_dir={tmp_path / 'plain'}"])
-    attacked = run_rounds(boosting_sender(plain, 30), [0, 1, 2], plain)["faa"]
+    attacked = run_rounds(boosting_post(plain, 30), [0, 1, 2], plain)["faa"]
     clipped_cfg = compose_config("config", [*run, "replies.clip_norm=1.5", f"output_dir={tmp_path / 'clipped'}"])
-    defended = run_rounds(boosting_sender(clipped_cfg, 30), [0, 1, 2], clipped_cfg)["faa"]
+    defended = run_rounds(boosting_post(clipped_cfg, 30), [0, 1, 2], clipped_cfg)["faa"]
     assert attacked < honest - 15
     assert abs(defended - honest) < 5

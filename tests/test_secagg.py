@@ -1,0 +1,380 @@
+"""Secure aggregation: the encoding's bound, the protocol's sums, dropouts, tampering and replays.
+
+The clients here are the real client code (:func:`fedcil.secagg.client.respond`) answering
+each node's requests through a post that delivers them in memory; only their plain reply
+(what local training would have produced) is given, drawn at random.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import MessageType, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcil.config import compose_config
+from fedcil.errors import ConfigError
+from fedcil.model import model_for
+from fedcil.protocol import ClientUpdate, RoundPlan, encode_reply
+from fedcil.secagg import masks
+from fedcil.secagg.client import RECORD, VECTOR, ProtocolError, respond
+from fedcil.secagg.encoding import FixedPoint, range_exponent
+from fedcil.secagg.server import SecAggSettings, neighbourhoods, threshold_of
+from fedcil.settings import check_settings
+from fedcil.shapes import declared_shape
+from fedcil.tasks import split_for
+from server_app.federation import RoundExchange
+from server_app.secure import secure_sender
+from server_app.validation import ReplyLimits, TooFewReplies
+from strategies import build_strategy
+from strategies.aggregation import sum_updates
+
+LIMITS = ReplyLimits(max_examples=10_000, max_norm=1e13)
+MICRO = ["num_clients=4", "num_tasks=2", "partition=iid"]
+
+
+def exact_sums(vectors: list[np.ndarray]) -> np.ndarray:
+    """Per entry, the correctly rounded float64 sum (the reference of the error bound)."""
+    return np.array([math.fsum(column) for column in zip(*vectors, strict=True)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([32, 64]),
+    clients=st.integers(1, 50),
+    scales=st.lists(st.integers(-9, 7), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31),
+)
+def test_a_sum_of_encodings_decodes_to_the_exact_sum_within_the_stated_bound(bits, clients, scales, seed):
+    rng = np.random.default_rng(seed)
+    sizes = tuple(int(rng.integers(1, 40)) for _ in scales)
+    vectors = [np.concatenate([rng.standard_normal(n) * 10.0**s for n, s in zip(sizes, scales)]) for _ in range(clients)]
+    bounds = np.cumsum([0, *sizes])
+    exponents = tuple(max(range_exponent(v[bounds[i]:bounds[i + 1]]) for v in vectors) for i in range(len(sizes)))
+    encoding = FixedPoint(bits, clients, exponents, sizes)
+    total = np.zeros(encoding.length, dtype=encoding.dtype)
+    for vector in vectors:
+        total += encoding.encode(vector)
+    error = np.abs(encoding.decode(total) - exact_sums(vectors))
+    assert (error <= encoding.error_bound()).all()
+
+
+def test_range_exponent_is_the_smallest_power_of_two_above_every_entry():
+    for peak in (1.0, 1.5, 0.5, 3e6, 2.0**-40):
+        e = range_exponent(np.array([peak, -peak / 3]))
+        assert peak <= 2.0**e and not peak <= 2.0 ** (e - 1)
+
+
+class Clients:
+    """In-memory clients running the real client protocol on fixed plain replies.
+
+    ``tamper(node, stage, reply)`` may change a reply or return None (the node drops out
+    from that stage on); a client raising is an error reply, as Flower delivers it.
+    """
+
+    def __init__(self, replies: dict[int, RecordDict], tamper=None) -> None:
+        self.replies, self.tamper = replies, tamper
+        self.states = {node: RecordDict() for node in replies}
+        self.gone: set[int] = set()
+        self.requests: list[dict[int, RecordDict]] = []
+        self.answers: list[tuple[int, str, RecordDict]] = []  # what reached the server
+        self.refusals: list[str] = []
+
+    def post(self, contents, kind) -> RoundExchange:
+        self.requests.append(dict(contents))
+        result = RoundExchange(replies=[], bytes_up=0, bytes_down=0, sampled=list(contents))
+        for node, content in contents.items():
+            if node in self.gone:
+                result.failed[node] = "no reply before the round timeout"
+                continue
+            try:
+                reply = respond(content, self.states[node], node, lambda _, n=node: self.replies[n])
+            except ProtocolError as exc:
+                self.refusals.append(str(exc))
+                result.failed[node] = f"client error: {exc}"
+                continue
+            stage = content.config_records[RECORD]["stage"]
+            if self.tamper is not None:
+                reply = self.tamper(node, stage, reply)
+            if reply is None:
+                self.gone.add(node)
+                result.failed[node] = "no reply before the round timeout"
+                continue
+            self.answers.append((node, stage, reply))
+            result.replies.append((node, reply))
+        return result
+
+
+def micro_strategy(method: str):
+    cfg = compose_config("config", [*MICRO, f"method={method}"])
+    shape = declared_shape(cfg.dataset)
+    model = model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size)
+    strategy = build_strategy(cfg, split_for(cfg, shape.num_classes), model.initial_state)
+    strategy.start_task(0)
+    return strategy
+
+
+def random_reply(shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Tensors of ``shapes`` spanning orders of magnitude (Grams positive semi-definite), a count, a loss."""
+    tensors = {}
+    for name, shape in sorted(shapes.items()):
+        scale = 10.0 ** rng.uniform(-4, 6)
+        if name.endswith((".G", ".S")) or name == "G":
+            rows = rng.standard_normal((2 * shape[0], shape[0]))
+            value = (rows.T @ rows) * scale if len(shape) == 2 else rng.uniform(0, scale, shape)
+        else:
+            value = rng.standard_normal(shape) * scale
+        tensors[name] = torch.tensor(value, dtype=torch.float32)
+    return tensors, int(rng.integers(1, 500)), float(rng.uniform(0, 3))
+
+
+def secure_and_plain(method: str, clients: int, seed: int, secagg: SecAggSettings, tamper=None):
+    """A round of ``method``'s first plan, merged from plain replies and through secure aggregation."""
+    plain, secure = micro_strategy(method), micro_strategy(method)
+    plan = plain.configure_round(0, 0)
+    rng = np.random.default_rng(seed)
+    drawn = {node: random_reply(plain.expected_reply(plan, 0), rng) for node in range(10, 10 + clients)}
+    updates = [ClientUpdate(node, tensors, n, loss) for node, (tensors, n, loss) in drawn.items()]
+    people = Clients({node: encode_reply(*reply) for node, reply in drawn.items()}, tamper)
+    result = secure_sender(people.post, secure, secagg, LIMITS, 1)(plan, 0, 0, sorted(drawn))
+    return plain, secure, plan, updates, result, people
+
+
+@pytest.mark.parametrize("method", ["lorm", "fedavg_lora", "ffa_lora", "head_only", "analytic"])
+@pytest.mark.parametrize("bits", [64, 32])
+def test_the_secure_sum_equals_the_plain_aggregate_within_the_bound_for_every_supported_method(method, bits):
+    plain, secure, plan, updates, result, _ = secure_and_plain(method, 5, 0, SecAggSettings(True, modulus_bits=bits))
+    [total] = result.updates
+    assert total.clients == 5 and total.num_examples == sum(u.num_examples for u in updates)
+    assert total.loss == pytest.approx(sum(u.num_examples * u.loss for u in updates) / total.num_examples, rel=1e-6)
+    weighted = secure.secure_sum == "mean"
+    count = total.num_examples
+    for name, value in total.tensors.items():
+        terms = [u.tensors[name].double().numpy().ravel() * (u.num_examples if weighted else 1) for u in updates]
+        exponent = max(range_exponent(t) for t in terms)
+        bound = FixedPoint(bits, 5, (exponent,), (terms[0].size,)).error_bound()
+        reference = exact_sums(terms)
+        if weighted:  # a mean: the sum's bound, divided by the count, plus float64's rounding of the division
+            reference, bound = reference / count, bound / count + np.abs(reference / count) * 2.0**-52
+        assert (np.abs(value.numpy().ravel() - reference) <= bound).all(), name
+    # the strategy merges the one summed update as it merges the replies
+    plain.aggregate_round(0, 0, updates)
+    secure.aggregate_round(0, 0, result.updates)
+    for name, value in plain.state.items():  # 32 bits: each entry within 1e-5 of its tensor's range
+        scale = float(value.abs().max()) if bits == 32 else 0.0
+        torch.testing.assert_close(secure.state[name], value, rtol=1e-6, atol=max(1e-6, 1e-5 * scale))
+
+
+def test_the_server_sees_no_reply_only_keys_shares_and_masked_vectors():
+    _, _, _, _, _, people = secure_and_plain("lorm", 3, 1, SecAggSettings(True))
+    assert [len(requests) for requests in people.requests] == [3, 3, 3, 3]  # setup, share-keys, collect, unmask
+    assert len(people.answers) == 12
+    for node, stage, reply in people.answers:
+        assert not reply.metric_records and list(reply.config_records) == [RECORD]
+        assert list(reply.array_records) == ([VECTOR] if stage == "collect" else [])
+    assert all(RECORD not in state.config_records and not state.array_records for state in people.states.values())
+
+
+def client_vectors(bits: int, length: int, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(encoded, masked) vectors of one of 3 clients sending ``values``."""
+    tensors = {"x": torch.tensor(values, dtype=torch.float32)}
+    replies = {node: encode_reply(tensors, 1, 0.0) for node in (1, 2, 3)}
+    captured = {}
+
+    def keep(node, stage, reply):
+        if stage == "collect" and node == 1:
+            captured["masked"] = reply.array_records[VECTOR]["values"].numpy()
+        return reply
+
+    people = Clients(replies, keep)
+
+    class One:
+        secure_sum = "sum"
+
+        def expected_reply(self, plan, task):
+            return {"x": (length,)}
+
+    secure_sender(people.post, One(), SecAggSettings(True, modulus_bits=bits), LIMITS, 1)(RoundPlan({}, ()), 0, 0, [1, 2, 3])
+    encoding = FixedPoint(bits, 3, (range_exponent(values), -126, -126), (length, 1, 1))
+    return encoding.encode(np.concatenate([values, [1.0, 0.0]]).astype(np.float64)), captured["masked"]
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+def test_a_masked_vector_is_uncorrelated_with_the_vector_and_uniform(bits):
+    length = 20_000
+    values = np.linspace(-1.0, 1.0, length) ** 3  # a strongly structured vector
+    encoded, masked = client_vectors(bits, length, values)
+    top = 2.0 ** (bits - 1)
+    assert np.abs(np.corrcoef(values, masked[:length].astype(np.float64))[0, 1]) < 4 / math.sqrt(length)
+    assert np.abs(np.corrcoef(encoded[:length].astype(np.float64), masked[:length].astype(np.float64))[0, 1]) < 4 / math.sqrt(length)
+    # uniform modulo 2**bits: the top bit is a fair coin, the mean is half the modulus
+    share = float(np.mean(masked >= top))
+    assert abs(share - 0.5) < 4 * 0.5 / math.sqrt(masked.size)
+    assert abs(float(np.mean(masked.astype(np.float64))) / (2 * top) - 0.5) < 4 * 0.29 / math.sqrt(masked.size)
+
+
+def test_a_client_that_drops_after_sharing_keys_is_recovered_from():
+    def drop_after_sharing(node, stage, reply):
+        return reply if not (node == 12 and stage == "collect") else None
+
+    _, secure, _, updates, result, _ = secure_and_plain("analytic", 5, 2, SecAggSettings(True), drop_after_sharing)
+    [total] = result.updates
+    kept = [u for u in updates if u.node_id != 12]
+    assert total.clients == 4 and total.num_examples == sum(u.num_examples for u in kept)
+    for name, value in sum_updates(kept, ["G", "C"]).items():
+        torch.testing.assert_close(total.tensors[name], value, rtol=1e-9, atol=1e-6)
+    assert result.failed[12] == "no reply before the round timeout"
+
+
+def test_too_many_dropouts_stop_the_round():
+    def two_leave(node, stage, reply):
+        return None if node in (10, 11, 12) and stage == "collect" else reply
+
+    with pytest.raises(TooFewReplies, match="3 clients dropped out after sharing keys; node 1[34] has 2 surviving share holders, threshold 3"):
+        secure_and_plain("analytic", 5, 3, SecAggSettings(True), two_leave)
+    with pytest.raises(TooFewReplies, match="secagg.max_dropouts=0"):
+        secure_and_plain("analytic", 5, 3, SecAggSettings(True, max_dropouts=0), lambda n, s, r: None if (n, s) == (12, "collect") else r)
+
+
+def flip_byte(data: bytes, at: int = 40) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+
+
+def test_a_tampered_share_ciphertext_is_rejected_by_its_recipient():
+    def tamper(node, stage, reply):
+        if node == 10 and stage == "share-keys":
+            record = reply.config_records[RECORD]
+            record["shares"] = [flip_byte(record["shares"][0]), *record["shares"][1:]]
+        return reply
+
+    _, _, _, updates, result, _ = secure_and_plain("analytic", 5, 4, SecAggSettings(True), tamper)
+    victim = next(node for node, reason in result.failed.items() if "does not decrypt" in reason)
+    kept = [u for u in updates if u.node_id != victim]
+    [total] = result.updates
+    assert total.clients == 4
+    torch.testing.assert_close(total.tensors["C"], sum_updates(kept, ["C"])["C"], rtol=1e-9, atol=1e-6)
+
+
+def test_a_tampered_unmasking_share_is_outvoted_or_stops_the_round():
+    def wrong_seed_share(node, stage, reply):
+        if node == 10 and stage == "unmask":
+            record = reply.config_records[RECORD]
+            record["seed-shares"] = [flip_byte(share, 10) for share in record["seed-shares"]]
+        return reply
+
+    _, _, _, updates, result, _ = secure_and_plain("analytic", 5, 5, SecAggSettings(True), wrong_seed_share)
+    torch.testing.assert_close(result.updates[0].tensors["C"], sum_updates(updates, ["C"])["C"], rtol=1e-9, atol=1e-6)
+
+    def all_wrong(node, stage, reply):
+        return wrong_seed_share(10, stage, reply) if node in (10, 11, 12) else reply
+
+    with pytest.raises(TooFewReplies, match="rebuild its committed secret"):
+        secure_and_plain("analytic", 5, 5, SecAggSettings(True), all_wrong)
+
+
+def test_replayed_or_inconsistent_messages_are_refused():
+    # a reply replayed from another round (another session) is dropped by the server
+    earlier = {}
+
+    def replay(node, stage, reply):
+        if stage == "setup" and node == 10:
+            earlier.setdefault("reply", reply)
+        return reply
+
+    secure_and_plain("analytic", 3, 6, SecAggSettings(True), replay)
+    _, _, _, _, result, _ = secure_and_plain("analytic", 4, 6, SecAggSettings(True),
+                                             lambda n, s, r: earlier["reply"] if (n, s) == (10, "setup") else r)
+    assert "another stage or round" in result.failed[10]
+    # a client refuses a stage out of order, a replayed unmasking, and a request for both secrets of one client
+    _, _, _, _, _, people = secure_and_plain("analytic", 3, 7, SecAggSettings(True))
+    collect, unmask = people.requests[2], people.requests[3]
+    with pytest.raises(ProtocolError, match="without a round in progress"):
+        respond(unmask[10], people.states[10], 10, lambda _: None)
+    with pytest.raises(ProtocolError, match="without a round in progress"):
+        respond(collect[10], people.states[10], 10, lambda _: None)
+    # a server asking for both secrets of a client (its seed as a survivor, its key as dropped) gets neither
+    honest = Clients(dict(people.replies))
+
+    def greedy(contents, kind):
+        for content in contents.values():
+            record = content.config_records[RECORD]
+            if record["stage"] == "unmask":
+                record["dropped"] = [*record["dropped"], record["survivors"][-1]]
+        return honest.post(contents, kind)
+
+    strategy = micro_strategy("analytic")
+    with pytest.raises(TooFewReplies, match="secagg stage unmask: 0 valid answers"):
+        secure_sender(greedy, strategy, SecAggSettings(True), LIMITS, 1)(strategy.configure_round(0, 0), 0, 0, sorted(people.replies))
+    assert len(honest.refusals) == 3 and all("both a survivor and dropped" in r for r in honest.refusals)
+
+
+def test_a_secagg_plus_ring_gives_the_same_sum_and_is_symmetric():
+    ring = neighbourhoods(list(range(9)), 4, b"session")
+    assert all(len(others) == 4 and all(node in ring[other] for other in others) for node, others in ring.items())
+    assert {n: sorted(others) for n, others in neighbourhoods(list(range(4)), None, b"s").items()} == {
+        n: [m for m in range(4) if m != n] for n in range(4)}
+    _, _, _, updates, result, _ = secure_and_plain("analytic", 7, 8, SecAggSettings(True, num_neighbours=2, threshold=0.6))
+    torch.testing.assert_close(result.updates[0].tensors["G"], sum_updates(updates, ["G"])["G"], rtol=1e-9, atol=1e-6)
+    assert threshold_of(3, 0.6) == 2 and threshold_of(4, 0.51) == 3 and threshold_of(5, 1.0) == 5
+
+
+def test_shares_rebuild_keys_and_masks_cancel():
+    private, public = masks.new_key_pair()
+    other_private, other_public = masks.new_key_pair()
+    assert masks.shared_secret(private, other_public) == masks.shared_secret(other_private, public)
+    shares = masks.split_secret(private, 3, 5)
+    assert masks.rebuild_secret(shares[2:]) == private and masks.public_of(masks.rebuild_secret(shares[:3])) == public
+    a = masks.mask(b"seed", b"s1", 1000, 64)
+    assert (a == masks.mask(b"seed", b"s1", 1000, 64)).all() and not (a == masks.mask(b"seed", b"s2", 1000, 64)).all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=fedex_lora"], "methods that support it: analytic, fedavg_lora, ffa_lora, head_only, lorm"),
+        (["method=talora"], "method=talora merges each client's own factors"),
+    ],
+)
+def test_methods_that_need_each_clients_factors_refuse_secagg(overrides, message):
+    cfg = compose_config("config", [*MICRO, "secagg.enabled=true", *overrides])
+    shape = declared_shape(cfg.dataset)
+    model = model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size)
+    with pytest.raises(ConfigError, match=message):
+        build_strategy(cfg, split_for(cfg, shape.num_classes), model.initial_state)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["replies.clip_norm=1.0"], "replies.clip_norm clips each client's update"),
+        (["num_clients=1"], "a sum of one reply is that reply"),
+        (["secagg.num_neighbours=3"], "secagg.num_neighbours=3 is odd"),
+        (["secagg.threshold=0.5"], "secagg.threshold=0.5 is out of range"),
+        (["secagg.modulus_bits=16"], "unknown secagg.modulus_bits 16; valid choices: 32, 64"),
+    ],
+)
+def test_bad_secagg_settings_fail_in_one_line(overrides, message):
+    cfg = compose_config("config", [*MICRO, "secagg.enabled=true", *overrides])
+    with pytest.raises(ConfigError, match=message) as error:
+        check_settings(cfg)
+    assert "\n" not in str(error.value)
+
+
+def test_kind_of_messages_is_kept():
+    """Evaluation requests travel as evaluate messages through every stage."""
+    kinds = []
+    strategy = micro_strategy("lorm")
+    plan = strategy.evaluation_plan()
+    people = Clients({n: encode_reply({"eval.correct": torch.tensor([3.0]), "eval.count": torch.tensor([7.0])}, 7, 0.0) for n in (1, 2)})
+
+    def post(contents, kind):
+        kinds.append(kind)
+        return people.post(contents, kind)
+
+    result = secure_sender(post, strategy, SecAggSettings(True), LIMITS, 1)(plan, 0, 0, [1, 2])
+    assert kinds == [MessageType.EVALUATE] * 4
+    assert result.updates[0].tensors["eval.correct"].tolist() == [6.0] and result.updates[0].tensors["eval.count"].tolist() == [14.0]

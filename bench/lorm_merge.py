@@ -20,23 +20,20 @@ Results are printed and written to ``bench/results/lorm_merge-<time>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from datetime import datetime
-from pathlib import Path
 
 import timm
 import torch
 from flwr.common.serde import recorddict_to_proto
 
+from bench import save_result
 from fedcil.config import compose_config
 from fedcil.protocol import ClientUpdate, encode_reply
 from fedcil.tasks import split_for
 from strategies import build_strategy
 from strategies.lorm import client_summaries
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS_S = {"diagonal": 0.1, "dense": 2.0}
 DIM, MLP, BLOCKS, CLASSES, TASKS, CLIENTS = 768, 3072, 12, 100, 10, 10
 SHAPES = {"attn.qkv": (3 * DIM, DIM), "attn.proj": (DIM, DIM), "mlp.fc1": (MLP, DIM), "mlp.fc2": (DIM, MLP)}
@@ -154,10 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     result = measure(args.rank, args.repeats)
     report(result)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"lorm_merge-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwritten to {out}")
+    save_result("lorm_merge", result)
 
 
 if __name__ == "__main__":

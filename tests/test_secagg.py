@@ -145,18 +145,19 @@ def secure_and_plain(method: str, clients: int, seed: int, secagg: SecAggSetting
 
 
 @pytest.mark.parametrize("method", ["lorm", "fedavg_lora", "ffa_lora", "head_only", "analytic"])
-@pytest.mark.parametrize("bits", [64, 32])
-def test_the_secure_sum_equals_the_plain_aggregate_within_the_bound_for_every_supported_method(method, bits):
-    plain, secure, plan, updates, result, _ = secure_and_plain(method, 5, 0, SecAggSettings(True, modulus_bits=bits))
+@settings(max_examples=4, deadline=None)
+@given(bits=st.sampled_from([64, 32]), clients=st.integers(2, 7), seed=st.integers(0, 2**31))
+def test_the_secure_sum_equals_the_plain_aggregate_within_the_bound_for_every_supported_method(method, bits, clients, seed):
+    plain, secure, plan, updates, result, _ = secure_and_plain(method, clients, seed, SecAggSettings(True, modulus_bits=bits))
     [total] = result.updates
-    assert total.clients == 5 and total.num_examples == sum(u.num_examples for u in updates)
+    assert total.clients == clients and total.num_examples == sum(u.num_examples for u in updates)
     assert total.loss == pytest.approx(sum(u.num_examples * u.loss for u in updates) / total.num_examples, rel=1e-6)
     weighted = secure.secure_sum == "mean"
     count = total.num_examples
     for name, value in total.tensors.items():
         terms = [u.tensors[name].double().numpy().ravel() * (u.num_examples if weighted else 1) for u in updates]
         exponent = max(range_exponent(t) for t in terms)
-        bound = FixedPoint(bits, 5, (exponent,), (terms[0].size,)).error_bound()
+        bound = FixedPoint(bits, clients, (exponent,), (terms[0].size,)).error_bound()
         reference = exact_sums(terms)
         if weighted:  # a mean: the sum's bound, divided by the count, plus float64's rounding of the division
             reference, bound = reference / count, bound / count + np.abs(reference / count) * 2.0**-52

@@ -15,6 +15,7 @@ Reply (client -> server) ``RecordDict``:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,22 @@ class ClientUpdate:
     num_examples: int
     loss: float
     clients: int = 1
+
+
+@dataclass(frozen=True)
+class WeightedSums:
+    """What a reply's weight is made of, as a strategy declares it for one request.
+
+    ``grams`` maps every Gram in the reply to the numerators pre-multiplied by it (``W_k G_k``);
+    ``per_example`` names tensors that are ``n_k`` times a value (e.g. LoRM's ``n_k b_k``).
+    Nothing declared: the reply's weight is its ``num-examples`` alone (the averaging methods).
+    """
+
+    grams: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    per_example: tuple[str, ...] = ()
+    unit_targets: Mapping[str, str] = field(default_factory=dict)
+    """Numerators ``N = X^T Y`` whose targets ``Y`` have rows of norm 1 (one-hot labels), each with the
+    Gram ``X^T X`` of the same rows: by Cauchy-Schwarz ``||N||_F^2 <= n_k trace(X^T X)``."""
 
 
 def canonical_order(updates: list[ClientUpdate]) -> list[ClientUpdate]:

@@ -27,6 +27,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "precision": PRECISIONS,
     "model.head_init": HEAD_INITS,
+    "replies.weighting": ("claimed", "capped", "uniform"),
     "secagg.enabled": (True, False),
     "secagg.modulus_bits": (32, 64),
 }
@@ -101,6 +102,9 @@ RANGES: dict[str, Range] = {
     "replies.max_examples": at_least(1),
     "replies.max_norm": positive(),
     "replies.clip_norm": positive(nullable=True),
+    "replies.cap_factor": at_least(1, float),
+    "replies.energy_factor": Range(float, low=1, low_open=True, nullable=True),
+    "replies.psd_tolerance": at_least(0, float, nullable=True),
     "secagg.num_neighbours": at_least(2, nullable=True),
     "secagg.threshold": Range(float, low=0.5, high=1, low_open=True),
     "secagg.max_dropouts": at_least(0, nullable=True),
@@ -131,10 +135,13 @@ def evaluates_every_round(cfg: DictConfig) -> bool:
 
 
 def check_secure_aggregation(cfg: DictConfig) -> None:
-    """What secure aggregation needs: no per-client clipping, at least 2 clients a round, a ring of even degree."""
+    """What secure aggregation needs: no per-client clipping or weighting, at least 2 clients a round, a ring of even degree."""
     if cfg.replies.clip_norm is not None:
         raise ConfigError("replies.clip_norm clips each client's update, which secure aggregation hides; "
                           "set replies.clip_norm=null or secagg.enabled=false")
+    if cfg.replies.weighting != "claimed":
+        raise ConfigError(f"replies.weighting={cfg.replies.weighting} weighs each client's reply, which secure aggregation "
+                          "hides; set replies.weighting=claimed or secagg.enabled=false")
     sampled = max(1, int(round(cfg.fraction_train * cfg.num_clients)))
     if sampled < 2:
         raise ConfigError(f"secagg.enabled=true with {sampled} client a round (num_clients={cfg.num_clients}, "

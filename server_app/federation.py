@@ -23,7 +23,7 @@ class RoundExchange:
 
     ``replies`` are the records as received; ``updates`` the valid ones, decoded, once
     :func:`server_app.loop.screened` has checked them. ``failed`` says why each node that
-    was asked has no update.
+    was asked has no update, ``capped`` whose weight the influence bounds cut.
     """
 
     replies: list[tuple[int, RecordDict]]
@@ -32,6 +32,7 @@ class RoundExchange:
     sampled: list[int]
     failed: dict[int, str] = field(default_factory=dict)
     updates: list[ClientUpdate] = field(default_factory=list)
+    capped: dict[int, str] = field(default_factory=dict)
 
 
 Post = Callable[[Mapping[int, RecordDict], str], RoundExchange]

@@ -24,6 +24,7 @@ from fedcil.settings import check_settings, evaluates_every_round
 from fedcil.tasks import TaskSplit, split_for
 from fedcil.training import accuracies, correct_per_task, evaluate_seen_tasks
 from fedcil.secagg.server import SecAggSettings
+from server_app.influence import InfluenceBounds, bound_influence
 from server_app.federation import Post, RoundExchange, Send, flower_post, sample_nodes, wait_for_federation, wait_for_nodes
 from server_app.secure import secure_sender
 from server_app.validation import InvalidReply, ReplyLimits, TooFewReplies, checked_update, clipped
@@ -125,6 +126,7 @@ def train_round(
             result.bytes_up += statistics.bytes_up
             result.bytes_down += statistics.bytes_down
             result.failed.update(statistics.failed)
+            result.capped.update(statistics.capped)
     return result
 
 
@@ -143,7 +145,8 @@ def checked_sender(post: Post, cfg: DictConfig, strategy: FederatedStrategy) -> 
     (:func:`server_app.secure.secure_sender`) with ``secagg.enabled``."""
     settings = SecAggSettings.from_config(cfg.secagg)
     if settings.enabled:
-        return secure_sender(post, strategy, settings, ReplyLimits.from_config(cfg), cfg.min_replies)
+        return secure_sender(post, strategy, settings, ReplyLimits.from_config(cfg), cfg.min_replies,
+                             InfluenceBounds.from_config(cfg).psd_tolerance)
     return screened(plain_sender(post), cfg, strategy)
 
 
@@ -153,10 +156,12 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
     What a valid reply carries is the strategy's to say (``strategy.expected_reply``).
 
     Invalid replies are logged with the node and the reason and recorded in ``failed``;
-    with ``replies.clip_norm`` trained tensors are clipped; fewer than ``min_replies``
+    with ``replies.clip_norm`` trained tensors are clipped; the influence bounds
+    (:mod:`server_app.influence`) drop replies whose Grams fail their checks and cut
+    weights (recorded in ``capped``); fewer than ``min_replies``
     valid replies (capped at the nodes asked) raise :class:`TooFewReplies`.
     """
-    limits = ReplyLimits.from_config(cfg)
+    limits, bounds = ReplyLimits.from_config(cfg), InfluenceBounds.from_config(cfg)
 
     def send_and_check(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
         result = send(plan, task, round_in_task, nodes)
@@ -170,6 +175,12 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
                 log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, round_in_task + 1, node, exc)
                 continue
             result.updates.append(clipped(update, plan.state, limits.clip_norm) if clip else update)
+        if not plan.evaluates:
+            bounded = bound_influence(result.updates, strategy.weighted_sums(plan), bounds)
+            for node, reason in bounded.dropped.items():
+                result.failed[node] = f"out of bounds: {reason}"
+                log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, round_in_task + 1, node, reason)
+            result.updates, result.capped = bounded.updates, bounded.capped
         needed = min(cfg.min_replies, len(nodes))
         if len(result.updates) < needed:
             raise TooFewReplies(
@@ -191,6 +202,7 @@ def round_record(task: int, round_in_task: int, result: RoundExchange, accuracy:
         "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
         "seconds": seconds, "missing": sorted(result.failed),
         "failures": {str(node): reason for node, reason in sorted(result.failed.items())},
+        "capped": {str(node): note for node, note in sorted(result.capped.items())},
     }
 
 

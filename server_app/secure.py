@@ -34,6 +34,7 @@ from fedcil.secagg.client import COUNT, LOSS, RECORD, VECTOR
 from fedcil.secagg.encoding import MIN_EXPONENT, FixedPoint
 from fedcil.secagg.server import SecAggFailed, SecAggSettings, neighbourhoods, threshold_of, unmasked_sum
 from server_app.federation import Post, RoundExchange, Send
+from server_app.influence import sanity_problem
 from server_app.validation import InvalidReply, ReplyLimits, TooFewReplies, checked
 from strategies import FederatedStrategy
 
@@ -229,8 +230,15 @@ def summed_update(total: np.ndarray, clients: int, expected: Shapes, weighted: b
     return ClientUpdate(node_id=0, tensors=tensors, num_examples=count, loss=loss, clients=clients)
 
 
-def secure_sender(post: Post, strategy: FederatedStrategy, settings: SecAggSettings, limits: ReplyLimits, min_replies: int) -> Send:
-    """A :data:`~server_app.loop.Send` whose result is the securely summed update of each exchange."""
+def secure_sender(
+    post: Post, strategy: FederatedStrategy, settings: SecAggSettings, limits: ReplyLimits, min_replies: int,
+    psd_tolerance: float | None = None,
+) -> Send:
+    """A :data:`~server_app.loop.Send` whose result is the securely summed update of each exchange.
+
+    The sum is checked like one reply, and its Grams as Grams unless ``psd_tolerance`` is None: a sum of
+    Grams is a Gram.
+    """
 
     def send(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
         kind = MessageType.EVALUATE if plan.evaluates else MessageType.TRAIN
@@ -241,7 +249,12 @@ def secure_sender(post: Post, strategy: FederatedStrategy, settings: SecAggSetti
         total, clients = secure.run(encode_request(plan, task, round_in_task), nodes, expected, weighted)
         scaled = ReplyLimits(limits.max_examples * clients, limits.max_norm * (1 if weighted else clients))
         try:
-            secure.result.updates = [checked(summed_update(total, clients, expected, weighted), expected, scaled)]
+            update = checked(summed_update(total, clients, expected, weighted), expected, scaled)
+            checks_grams = psd_tolerance is not None and not plan.evaluates
+            problem = sanity_problem(update, strategy.weighted_sums(plan), psd_tolerance) if checks_grams else None
+            if problem:
+                raise InvalidReply(problem)
+            secure.result.updates = [update]
         except InvalidReply as exc:
             raise TooFewReplies(f"task {task + 1} round {round_in_task + 1}: the secure sum is invalid ({exc}); "
                                 "stopping (the checkpoint of the last finished round is kept)") from None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedcil.closed_form import merge_with_grams
-from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict
+from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict, WeightedSums
 from fedcil.tasks import TaskSplit
 from strategies.aggregation import sum_updates
 from strategies.base import ClientRound, FederatedStrategy
@@ -94,6 +94,12 @@ class Analytic(FederatedStrategy):
         if plan.extra.get("statistics") == STATISTICS:
             return {key: tuple(self.finished[key].shape) for key in SUMS}
         return super().expected_reply(plan, task)
+
+    def weighted_sums(self, plan: RoundPlan) -> WeightedSums:
+        """``G_k`` weighs ``C_k`` (the client's own solution is ``G_k^-1 C_k``); ``C_k = H_k^T Y_k`` has one-hot targets."""
+        if plan.extra.get("statistics") != STATISTICS:
+            return WeightedSums()
+        return WeightedSums({"G": ("C",)}, unit_targets={"C": "G"})
 
     @classmethod
     def client_reply(cls, method: Mapping[str, Any], client: ClientRound) -> TensorDict:

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedcil.closed_form import Gram
-from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, RoundPlan, Shapes, TensorDict, TrainRequest, param_group
+from fedcil.protocol import (
+    EVAL_COUNT, EVAL_CORRECT, ClientUpdate, RoundPlan, Shapes, TensorDict, TrainRequest, WeightedSums, param_group,
+)
 from fedcil.tasks import TaskSplit
 
 if TYPE_CHECKING:
@@ -122,6 +124,12 @@ class FederatedStrategy(ABC):
         requested groups; a method that asks for statistics computes them here.
         """
         return {k: v for k, v in client.trained.items() if param_group(k) in client.request.train_groups}
+
+    def weighted_sums(self, plan: RoundPlan) -> WeightedSums:
+        """Which tensors of a reply to ``plan`` carry its weight besides ``num-examples``: its Grams
+        (with the numerators pre-multiplied by each) and its ``n_k``-scaled tensors. The server's
+        influence bounds (:mod:`server_app.influence`) check and scale them. None by default."""
+        return WeightedSums()
 
     def evaluation_state(self) -> TensorDict:
         """The trainable state the server evaluates (default: the current global state)."""

@@ -36,7 +36,7 @@ import torch
 
 from fedcil.closed_form import Gram, merge_with_grams, sandwich, times_gram
 from fedcil.errors import choices_error
-from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict
+from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict, WeightedSums
 from fedcil.tasks import TaskSplit
 from strategies.aggregation import fresh_adapter, sum_updates
 from strategies.base import ClientRound, FederatedStrategy, lora_scaling
@@ -187,6 +187,18 @@ class LoRM(FederatedStrategy):
         if kind == TASK_END_STATISTICS:
             return task_end_shapes(plan.state, self.settings)
         return super().expected_reply(plan, task)
+
+    def weighted_sums(self, plan: RoundPlan) -> WeightedSums:
+        """A round's Grams ``G`` (A-rounds) or ``S`` (B-rounds) weigh ``AG`` / ``BS``, the head's ``G`` its
+        ``WG``, ``nb`` is ``n_k b_k``; the end of a task's Grams weigh the finished adapter."""
+        kind = plan.extra.get("statistics")
+        if kind == TASK_END_STATISTICS:
+            return WeightedSums({f"{layer}.G": () for layer in self.layers})
+        if kind != ROUND_STATISTICS:
+            return WeightedSums()
+        gram, numerator = ("G", "AG") if trained_factor(plan.train_groups) == "lora_A" else ("S", "BS")
+        grams = {f"{layer}.{gram}": (f"{layer}.{numerator}",) for layer in self.layers}
+        return WeightedSums({**grams, "head.G": ("head.WG",)}, per_example=("head.nb",))
 
     @classmethod
     def client_reply(cls, method: Mapping[str, Any], client: ClientRound) -> TensorDict:

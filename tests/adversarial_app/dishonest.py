@@ -1,0 +1,45 @@
+"""Well-formed but dishonest replies: every one passes validation; only the influence bounds stop them."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+DISHONEST = ("inflate_count", "scale_grams", "negative_gram")
+GRAM_PAIRS = {".G": (".AG", ".WG"), ".S": (".BS",)}  # a LoRM reply's Grams and the numerators they weigh
+SCALE = 1000.0
+
+
+def numerators_of(tensors: dict[str, torch.Tensor], gram: str) -> list[str]:
+    """The numerators pre-multiplied by the Gram ``gram`` in a LoRM reply."""
+    stem, suffix = gram.rsplit(".", 1)
+    return [f"{stem}{n}" for n in GRAM_PAIRS[f".{suffix}"] if f"{stem}{n}" in tensors]
+
+
+def lie(content: RecordDict, attack: str, max_examples: int) -> RecordDict:
+    """A copy of the honest reply ``content``, dishonest in the way ``attack`` (one of :data:`DISHONEST`) names.
+
+    - ``inflate_count``: claims ``max_examples`` examples, tensors unchanged;
+    - ``scale_grams``: every Gram times 1000 and its numerators set to a foreign factor (all
+      entries 1) times that Gram: the closed-form merges follow the foreign factor;
+    - ``negative_gram``: every Gram replaced by -3 times itself (not positive semi-definite),
+      numerators unchanged.
+    """
+    tensors = content.array_records["update"].to_torch_state_dict()
+    metrics = dict(content.metric_records["metrics"])
+    grams = [k for k in tensors if f".{k.rsplit('.', 1)[1]}" in GRAM_PAIRS]
+    if attack == "inflate_count":
+        metrics["num-examples"] = max_examples
+    elif attack == "scale_grams":
+        for gram in grams:
+            scaled = SCALE * tensors[gram].double()
+            tensors[gram] = scaled.float()
+            for numerator in numerators_of(tensors, gram):
+                foreign = torch.ones_like(tensors[numerator], dtype=torch.float64)
+                tensors[numerator] = (foreign * scaled if scaled.dim() == 1 else foreign @ scaled).float()
+    elif attack == "negative_gram":
+        for gram in grams:
+            tensors[gram] = -3 * tensors[gram]
+    else:
+        raise ValueError(f"unknown attack {attack!r}; valid: {', '.join(DISHONEST)}")
+    return RecordDict({"update": ArrayRecord(tensors), "metrics": MetricRecord(metrics)})

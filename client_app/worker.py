@@ -12,6 +12,9 @@ the ClientApp would compute itself.
   SuperNode gets a new worker.
 - **Stop.** It exits when the SuperExec that starts the ClientApps is gone, after
   ``IDLE_SECONDS`` without a request, or on SIGTERM/SIGINT, and removes its socket (its log stays).
+  That SuperExec is the ``flwr-clientapp`` process's parent: the SuperNode's child under
+  subprocess isolation, a process of its own under process isolation (``deploy_local.sh``
+  starts it with ``--parent-pid`` of its SuperNode, so it still goes with its node).
 - **Access.** The socket lives in ``$TMPDIR/fedcil-<uid>``, a directory only this user can
   open (checked); the worker also refuses a peer of another user (``SO_PEERCRED``).
 - **Failures.** An exception while answering goes back to the ClientApp, which raises it

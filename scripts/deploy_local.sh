@@ -2,9 +2,12 @@
 # A real Flower deployment on this machine, step by step, without Docker: a SuperLink with
 # TLS and a state database, N SuperNodes (each with its own partition, and optionally its
 # own data directory), `flwr run` submitted to it over TLS, the run's status checked, and
-# every process stopped at the end, also on failure or Ctrl-C. With -a, SuperNode
-# authentication: each SuperNode gets an EC key pair, and the SuperLink admits only the
-# public keys registered with `flwr supernode register`.
+# every process stopped at the end, also on failure or Ctrl-C. The apps run in process
+# isolation: a SuperExec (flower-superexec) of our own beside the SuperLink starts the
+# ServerApp, one beside each SuperNode its ClientApps, and each must prove a secret shared
+# with its SuperLink or SuperNode (executor authentication, --superexec-auth-secret-file)
+# before it is given a task. With -a, SuperNode authentication: each SuperNode gets an EC
+# key pair, and the SuperLink admits only the public keys registered with `flwr supernode register`.
 #
 #   bash scripts/deploy_local.sh [-n NODES] [-w WORKDIR] [-d DATA_DIR] [-x NODE_CONFIG] [-a] [OVERRIDE ...]
 #   bash scripts/deploy_local.sh -n 3 -a num_clients=3 dataset=fashion_mnist
@@ -12,14 +15,17 @@
 # -x adds to every SuperNode's node config, e.g. -x warm-worker=false (a fresh ClientApp
 # process answers each message, without the node's warm worker; see docs/deployment.md).
 #
-# WORKDIR (default: a new folder under /tmp) receives certs/, keys/ (-a), the SuperLink's state.db, app/ (the copy of the app that flwr run packs), one
-# log per process, pids, and results/ (unless an override sets output_dir). num_clients
-# must equal NODES. On real machines run the same commands on each host, with the
-# SuperLink's address in place of 127.0.0.1 and that address in the certificate
-# (docker/certs.sh DIR IP:...). Exit code: 0 when the run finished completed.
+# WORKDIR (default: a new folder under /tmp) receives certs/, secrets/ (one executor secret
+# per SuperLink or SuperNode, mode 600), keys/ (-a), the SuperLink's state.db, app/ (the copy
+# of the app that flwr run packs), one log per process (superlink, serverapp: its SuperExec
+# and the ServerApp, supernode-i, clientapp-i: node i's SuperExec and ClientApps), pids,
+# ports, and results/ (unless an override sets output_dir). num_clients must equal NODES.
+# On real machines run the same commands on each host, with the SuperLink's address in
+# place of 127.0.0.1 and that address in the certificate (docker/certs.sh DIR IP:...), and
+# give each host only its own secret. Exit code: 0 when the run finished completed.
 set -euo pipefail
 APP=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 nodes=3 work="" data_dir="" auth="" node_extra=""
 while getopts "n:w:d:x:ah" opt; do
   case $opt in
@@ -45,8 +51,8 @@ export PATH="$APP/.venv/bin:$PATH" FLWR_HOME="$work/flwr-home" FLWR_TELEMETRY_EN
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# Every process started here, and their descendants (the SuperLink's SuperExec, the
-# ServerApp, the ClientApps), are stopped by pid on exit.
+# Every process started here, and their descendants (the ServerApp, the ClientApps), are
+# stopped by pid on exit.
 pids=()
 descendants() { local child; for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done; }
 stop_all() {
@@ -69,22 +75,29 @@ start() {  # start NAME COMMAND...: run in the background, log to WORKDIR/NAME.l
   pids+=($!); echo "$name $!" >> "$work/pids"
 }
 
-echo "== 1. certificates (a private CA and the SuperLink's certificate)"
+echo "== 1. certificates (a private CA and the SuperLink's certificate) and executor secrets"
 [ -e "$work/certs/ca.crt" ] || bash "$APP/docker/certs.sh" "$work/certs"
+bash "$APP/docker/secrets.sh" "$work/secrets" superlink $(seq -f 'supernode-%.0f' 0 $((nodes - 1))) > /dev/null
 
-echo "== 2. SuperLink: TLS, state in $work/state.db"
+echo "== 2. SuperLink: TLS, state in $work/state.db; its SuperExec for the ServerApp"
 port=$(free_port)
 echo "superlink-port $port" >> "$work/ports"
 start superlink flower-superlink \
   --ssl-ca-certfile "$work/certs/ca.crt" --ssl-certfile "$work/certs/server.pem" --ssl-keyfile "$work/certs/server.key" \
-  --database "$work/state.db" --host 127.0.0.1 --port "$port" --isolation subprocess \
+  --database "$work/state.db" --host 127.0.0.1 --port "$port" --isolation process \
+  --superexec-auth-secret-file "$work/secrets/superlink" \
   --disable-runtime-dependency-installation ${auth:+--enable-supernode-auth}
+link_pid=$!
 for _ in $(seq 120); do
   "$PY" -c "import httpx, sys; httpx.get('https://127.0.0.1:$port/health', verify='$work/certs/ca.crt', timeout=1).raise_for_status()" \
     2>/dev/null && break
-  kill -0 "${pids[0]}" 2>/dev/null || { cat "$work/superlink.log" >&2; exit 1; }
+  kill -0 "$link_pid" 2>/dev/null || { cat "$work/superlink.log" >&2; exit 1; }
   sleep 0.5
 done
+# The ServerApp's executor, over TLS like every other dialer of the SuperLink; it exits
+# when the SuperLink does (--parent-pid), as the one a SuperLink starts itself would.
+start serverapp flower-superexec --root-certificates "$work/certs/ca.crt" --runtime-api-address "127.0.0.1:$port" \
+  --superexec-auth-secret-file "$work/secrets/superlink" --parent-pid "$link_pid"
 
 # flwr's connection to this SuperLink (to register keys and to submit the run).
 mkdir -p "$FLWR_HOME"
@@ -107,14 +120,29 @@ if [ -n "$auth" ]; then
   done
 fi
 
-echo "== 4. $nodes SuperNodes over TLS, each with its partition${data_dir:+ and data dir $data_dir}"
+echo "== 4. $nodes SuperNodes over TLS, each with its partition${data_dir:+ and data dir $data_dir} and its SuperExec"
+node_ports=() node_pids=()
 for ((i = 0; i < nodes; i++)); do
-  node_port=$(free_port)
-  echo "supernode-$i-port $node_port" >> "$work/ports"
+  node_ports[i]=$(free_port)
+  echo "supernode-$i-port ${node_ports[i]}" >> "$work/ports"
   start "supernode-$i" flower-supernode \
-    --root-certificates "$work/certs/ca.crt" --superlink "127.0.0.1:$port" --port "$node_port" \
+    --root-certificates "$work/certs/ca.crt" --superlink "127.0.0.1:$port" --port "${node_ports[i]}" \
     --node-config "partition-id=$i num-partitions=$nodes${data_dir:+ data-dir=\"$data_dir\"}$node_extra" \
+    --isolation process --superexec-auth-secret-file "$work/secrets/supernode-$i" \
     ${auth:+--auth-supernode-private-key "$work/keys/supernode-$i"}
+  node_pids[i]=$!
+done
+# Each node's ClientApp executor, once its node's app API (plain HTTP on 127.0.0.1, as Flower's
+# own subprocess isolation uses it) listens; it exits with its node (--parent-pid), and so
+# does the node's warm worker, which watches the executor (client_app/worker.py).
+for ((i = 0; i < nodes; i++)); do
+  for _ in $(seq 120); do
+    (: < "/dev/tcp/127.0.0.1/${node_ports[i]}") 2>/dev/null && break
+    kill -0 "${node_pids[i]}" 2>/dev/null || { cat "$work/supernode-$i.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  start "clientapp-$i" flower-superexec --insecure --runtime-api-address "127.0.0.1:${node_ports[i]}" \
+    --superexec-auth-secret-file "$work/secrets/supernode-$i" --parent-pid "${node_pids[i]}"
 done
 
 echo "== 5. flwr run over TLS"

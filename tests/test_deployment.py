@@ -47,11 +47,17 @@ def test_tls_deployment_with_supernode_auth_and_secure_aggregation_matches_the_l
     assert (work / "state.db").stat().st_size > 0
     pids = [int(line.split()[1]) for line in (work / "pids").read_text().splitlines()]
     ports = [int(line.split()[1]) for line in (work / "ports").read_text().splitlines()]
-    assert len(pids) == 4 and len(ports) == 4
+    assert len(pids) == 2 + 2 * 3 and len(ports) == 4  # SuperLink and its SuperExec, and per node the same
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert all(listening_process(port) is None for port in ports)
-    # every node answered its 4 training messages through one warm worker, which left with the node
-    assert [(work / f"supernode-{i}.log").read_text().count("started this node's warm worker") for i in range(3)] == [1, 1, 1]
+    # executor authentication was on (process isolation) and every SuperExec proved its node's secret
+    logs = "".join(log.read_text() for log in work.glob("*.log"))
+    assert "ignored in subprocess isolation mode" not in logs and "SuperExec authentication failed" not in logs
+    assert sorted(s.name for s in (work / "secrets").iterdir()) == [".gitignore", "superlink", "supernode-0", "supernode-1", "supernode-2"]
+    assert all((work / "secrets" / s).stat().st_mode & 0o777 == 0o600 for s in ("superlink", "supernode-0"))
+    # every node answered its 4 training messages through one warm worker, which left with the node;
+    # the ClientApps run under the node's SuperExec, so their output is in its log
+    assert [(work / f"clientapp-{i}.log").read_text().count("started this node's warm worker") for i in range(3)] == [1, 1, 1]
     assert not processes_of(work), "a process of the deployment outlived it"
 
 
@@ -70,7 +76,7 @@ def processes_of(work: Path, wait: float = 10.0) -> list[psutil.Process]:
 
 
 def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):
-    """SIGKILL one SuperNode (and its ClientApp) after the first round: the others finish the run."""
+    """SIGKILL one SuperNode (and its SuperExec and ClientApp) after the first round: the others finish the run."""
     work = tmp_path / "deploy"
     # Generous timeout: a round here takes about 20 s on 2 cores (Flower's processes and waits; see docs/deployment.md).
     overrides = ["num_tasks=2", "rounds_per_task=1", "num_clients=3", "local_epochs=1", "round_timeout=60", "min_replies=2"]
@@ -80,9 +86,9 @@ def test_a_supernode_killed_mid_run_is_survived_and_recorded(tmp_path):
     try:
         for line in proc.stdout:
             if victim is None and "[task 1/2 round 1/1]" in line:
-                pid = next(int(r.split()[1]) for r in (work / "pids").read_text().splitlines() if r.startswith("supernode-2 "))
-                victim = psutil.Process(pid)
-                for member in [*victim.children(recursive=True), victim]:
+                started = dict(r.split() for r in (work / "pids").read_text().splitlines())
+                victim = [psutil.Process(int(started[name])) for name in ("supernode-2", "clientapp-2")]
+                for member in [m for node in victim for m in (*node.children(recursive=True), node)]:
                     member.kill()
         proc.wait(timeout=900)
     finally:

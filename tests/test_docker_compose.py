@@ -1,8 +1,8 @@
-"""The docker compose deployment run for real: own dockerd, locally built images, TLS and SuperNode auth.
+"""The docker compose deployment run for real: own dockerd, locally built images, TLS, SuperNode and executor auth.
 
 The test starts its own Docker daemon (no bridge, no iptables, its own socket and data root),
 builds the base image from debootstrap (docker/base_image.sh) and the project image on it,
-brings up docker/compose.yml with the TLS, authentication and host-network overlays on
+brings up docker/compose.yml with the TLS, both authentication and host-network overlays on
 127.0.0.1, registers the SuperNodes' keys, submits `flwr run`, checks the run and its results,
 and takes everything down: the stack, the daemon (by its pid) and its data root.
 """
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-COMPOSE = ["compose.yml", "compose.host.yml", "compose.tls.yml", "compose.auth.yml"]
+COMPOSE = ["compose.yml", "compose.host.yml", "compose.tls.yml", "compose.auth.yml", "compose.superexec-auth.yml"]
 RUN = "num_clients=2 dataset=fashion_mnist train_per_class=100 test_per_class=60 num_tasks=2 rounds_per_task=1 " \
       "local_epochs=1 partition=iid evaluation=clients output_dir=/results/run1"
 
@@ -105,7 +105,7 @@ def test_compose_stack_with_tls_and_supernode_auth_runs_to_completion(tmp_path):
         (tmp_path / sub).mkdir()
     env = {
         **daemon.env, **{k: str(v) for k, v in ports.items()}, "BIND_ADDRESS": "127.0.0.1",
-        "CERTS_DIR": str(tmp_path / "certs"), "KEYS_DIR": str(tmp_path / "keys"), "RESULTS_DIR": str(tmp_path / "results"),
+        "CERTS_DIR": str(tmp_path / "certs"), "KEYS_DIR": str(tmp_path / "keys"), "SECRETS_DIR": str(tmp_path / "secrets"), "RESULTS_DIR": str(tmp_path / "results"),
         "SERVER_DATA_DIR": str(tmp_path / "server-data"), "DATA_DIR_0": str(FMNIST), "DATA_DIR_1": str(FMNIST),
         "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
     }
@@ -116,6 +116,7 @@ def test_compose_stack_with_tls_and_supernode_auth_runs_to_completion(tmp_path):
             "-t", "fedcil-lora:0.1.0", "."], env, 1200, cwd=APP_DIR)
         built = time.monotonic()
         sh(["bash", str(APP_DIR / "docker" / "certs.sh"), str(tmp_path / "certs")], env, 60)
+        sh(["bash", str(APP_DIR / "docker" / "secrets.sh"), str(tmp_path / "secrets")], env, 60)
         (tmp_path / "keys").mkdir()
         for i in (0, 1):
             sh(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(tmp_path / "keys" / f"supernode-{i}")], env, 30)
@@ -148,6 +149,9 @@ def test_compose_stack_with_tls_and_supernode_auth_runs_to_completion(tmp_path):
         assert results["config"]["evaluation"] == "clients"
         logs = sh([*compose, "logs", "--no-color", "superlink"], env, 120)
         assert "Uvicorn running on https://127.0.0.1" in logs  # TLS on, loopback only
+        logs += sh([*compose, "logs", "--no-color", "supernode-0", "supernode-1"], env, 120)
+        assert "ignored in subprocess isolation mode" not in logs and "authentication failed" not in logs
+        assert "superexec-auth-secret-file=/secrets/superexec-auth" in sh([*compose, "config"], env, 120)
         print(f"\ncompose run: images built in {built - started:.0f} s, stack and run {time.monotonic() - built:.0f} s")
     finally:
         subprocess.run([*compose, "down", "-v", "--timeout", "10"], env=env, capture_output=True, timeout=300)

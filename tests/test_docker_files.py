@@ -13,7 +13,9 @@ import yaml
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 BIN = Path(sys.executable).parent
-COMPOSE_FILES = ["compose.yml", "compose.bridge.yml", "compose.host.yml", "compose.tls.yml", "compose.auth.yml"]
+COMPOSE_FILES = ["compose.yml", "compose.bridge.yml", "compose.host.yml", "compose.tls.yml", "compose.auth.yml",
+                 "compose.superexec-auth.yml"]
+SECRET_FLAG = "--superexec-auth-secret-file=/secrets/superexec-auth"
 
 
 def load(name: str) -> dict:
@@ -66,6 +68,32 @@ def test_host_overlay_puts_every_service_on_the_host_network_and_publishes_nothi
     assert all(body["network_mode"] == "host" for body in host.values())
     assert all("ports" not in body for body in load("compose.yml")["services"].values())
     assert "ports" in load("compose.bridge.yml")["services"]["superlink"]
+
+
+def test_superexec_auth_overlay_gives_each_app_api_and_its_executor_one_secret_read_only():
+    """Every service gets the flag and a secret mounted read-only: the SuperLink's shared with the
+    ServerApp executor only, each SuperNode's with its own ClientApp executor only; the
+    process isolation that Flower needs for it; and otherwise compose.yml's command unchanged."""
+    base, overlay = load("compose.yml")["services"], load("compose.superexec-auth.yml")["services"]
+    assert set(overlay) == set(base)
+    secret_of = {}
+    for service, body in overlay.items():
+        assert body["command"] == [*base[service]["command"], SECRET_FLAG], service
+        (mount,) = body["volumes"]
+        source, target, mode = mount.rsplit(":", 2)
+        assert (target, mode) == ("/secrets/superexec-auth", "ro"), service
+        secret_of[service] = source.removeprefix("${SECRETS_DIR:-./secrets}/")
+    assert secret_of == {"superlink": "superlink", "serverapp": "superlink", "supernode-0": "supernode-0",
+                         "clientapp-0": "supernode-0", "supernode-1": "supernode-1", "clientapp-1": "supernode-1"}
+    assert all("--isolation=process" in base[s]["command"] for s in ("superlink", "supernode-0", "supernode-1"))
+
+
+def test_no_secret_key_or_certificate_can_enter_the_image():
+    """The build context is pyproject.toml and constraints.txt only, and the Dockerfile copies just those."""
+    rules = [line for line in (DOCKER.parent / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert rules == ["*", "!pyproject.toml", "!constraints.txt"]
+    copies = [line.split()[1:] for line in (DOCKER / "Dockerfile").read_text().splitlines() if line.startswith(("COPY", "ADD"))]
+    assert copies == [["pyproject.toml", "constraints.txt", "./"]]
 
 
 @pytest.mark.parametrize("program", ["flower-superlink", "flower-supernode", "flower-superexec"])

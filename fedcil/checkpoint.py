@@ -10,6 +10,7 @@ so a run killed at any moment leaves its previous complete checkpoint. Nothing i
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from fedcil.protocol import TensorDict
 
 STATE_FILE = "checkpoint.json"
-IGNORED_KEYS = ("resume", "output_dir")  # may differ between a run and its resumption
+IGNORED_KEYS = ("resume", "output_dir", "dp.max_epsilon")  # may differ between a run and its resumption (a budget may grow)
 
 
 @dataclass
@@ -71,15 +72,25 @@ def read_state(folder: Path) -> dict:
         raise ConfigError(f"resume={str(folder)!r}: {STATE_FILE} is not valid JSON ({exc})") from None
 
 
+def compared(config: dict) -> dict:
+    """``config`` without the :data:`IGNORED_KEYS` (dotted keys name a key inside a section)."""
+    kept = copy.deepcopy(config)
+    for key in IGNORED_KEYS:
+        *sections, leaf = key.split(".")
+        inner = kept
+        for section in sections:
+            inner = inner.get(section, {})
+        inner.pop(leaf, None)
+    return kept
+
+
 def load_checkpoint(folder: Path, config: dict) -> tuple[Checkpoint, TensorDict]:
     """The checkpoint in ``folder`` and its tensors; it must have been written with ``config``."""
     from safetensors.torch import load_file
 
     checkpoint = Checkpoint(**read_state(folder))
-    differing = sorted(
-        key for key in set(config) | set(checkpoint.config)
-        if key not in IGNORED_KEYS and config.get(key) != checkpoint.config.get(key)
-    )
+    ours, theirs = compared(config), compared(checkpoint.config)
+    differing = sorted(key for key in set(ours) | set(theirs) if ours.get(key) != theirs.get(key))
     if differing:
         raise ConfigError(
             f"resume={str(folder)!r}: the checkpoint was written with other settings of {', '.join(differing)}; "

@@ -56,6 +56,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def privacy_spent(rounds: list[dict]) -> dict[str, float]:
+    """A differentially private run's ``epsilon`` and ``delta``: its last round's (nothing for other runs)."""
+    return {key: rounds[-1][key] for key in ("epsilon", "delta") if rounds and key in rounds[-1]}
+
+
 def build_results(
     cfg: DictConfig,
     accuracy_matrix: list[list[float | None]],
@@ -78,6 +83,7 @@ def build_results(
         **summary(accuracy_matrix, counts),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
+        **privacy_spent(rounds),
         "rounds": rounds,
         "wall_seconds": wall_seconds,
         "started_at": started_at,

@@ -20,6 +20,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_INITS = ("torch", "timm")
 SUMS_OF_STATISTICS = ("lorm", "analytic")  # methods whose replies are statistics, not trained tensors
+DP_METHODS = ("fedavg_lora", "ffa_lora", "head_only")  # methods whose merge is an average of trained tensors: dp
 CHOICES = {
     "backend": ("flower", "inprocess"),
     "evaluation": ("server", "clients"),
@@ -30,6 +31,7 @@ CHOICES = {
     "replies.weighting": ("claimed", "capped", "uniform"),
     "secagg.enabled": (True, False),
     "secagg.modulus_bits": (32, 64),
+    "dp.enabled": (True, False),
 }
 
 
@@ -108,6 +110,9 @@ RANGES: dict[str, Range] = {
     "secagg.num_neighbours": at_least(2, nullable=True),
     "secagg.threshold": Range(float, low=0.5, high=1, low_open=True),
     "secagg.max_dropouts": at_least(0, nullable=True),
+    "dp.noise_multiplier": positive(),
+    "dp.max_epsilon": positive(nullable=True),
+    "dp.delta": Range(float, low=0, high=1, low_open=True, high_open=True),
     "lora.rank": at_least(1),
     "lora.alpha": positive(),
     "lora.dropout": Range(float, low=0, high=1, high_open=True),
@@ -151,6 +156,23 @@ def check_secure_aggregation(cfg: DictConfig) -> None:
         raise ConfigError(f"secagg.num_neighbours={degree} is odd; allowed: an even number >= 2 (a ring) or null (every client)")
 
 
+def check_differential_privacy(cfg: DictConfig) -> None:
+    """What central DP needs: an averaging method, clipped and uniformly weighted replies, no secagg, delta < 1/num_clients."""
+    if cfg.method.name not in DP_METHODS:
+        raise ConfigError(f"dp.enabled=true with method={cfg.method.name}; allowed methods: {', '.join(DP_METHODS)}")
+    if cfg.replies.clip_norm is None:
+        raise ConfigError("dp.enabled=true needs replies.clip_norm (it bounds each client's update); allowed: a number > 0")
+    if cfg.replies.weighting != "uniform":
+        raise ConfigError(f"dp.enabled=true with replies.weighting={cfg.replies.weighting}; allowed: uniform "
+                          "(the noise is scaled to a plain average of the replies)")
+    if cfg.secagg.enabled:
+        raise ConfigError("dp.enabled=true with secagg.enabled=true; allowed: one of them "
+                          "(the server must see each update to clip it)")
+    if cfg.dp.delta * cfg.num_clients >= 1:
+        raise ConfigError(f"dp.delta={cfg.dp.delta:g} with num_clients={cfg.num_clients}; allowed: below "
+                          f"1/num_clients={1 / cfg.num_clients:.3g} (else publishing one client's data fits the bound)")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Raise a one-line :class:`ConfigError` for the first setting outside its choices or range."""
     for key, valid in CHOICES.items():
@@ -163,6 +185,8 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.replies.clip_norm is not None and cfg.method.name in SUMS_OF_STATISTICS:
         raise ConfigError("replies.clip_norm applies to methods whose clients send trained tensors; "
                           f"{cfg.method.name} sends Gram summaries: set replies.clip_norm=null")
+    if cfg.dp.enabled:
+        check_differential_privacy(cfg)
     if cfg.secagg.enabled:
         check_secure_aggregation(cfg)
     if cfg.min_replies > cfg.num_clients:

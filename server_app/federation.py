@@ -86,10 +86,14 @@ def wait_for_federation(grid: Grid, timeout: float, settle: float = 2.0) -> list
     return nodes
 
 
+def sample_size(fraction: float, population: int) -> int:
+    """How many of ``population`` nodes a round samples: ``max(1, round(fraction * population))``."""
+    return max(1, int(round(fraction * population)))
+
+
 def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Generator) -> list[int]:
-    """``max(1, round(fraction * K))`` distinct nodes, in sorted order."""
-    count = max(1, int(round(fraction * len(node_ids))))
-    picks = rng.choice(len(node_ids), size=count, replace=False)  # positions: ids are uint64
+    """:func:`sample_size` distinct nodes, drawn without replacement, in sorted order."""
+    picks = rng.choice(len(node_ids), size=sample_size(fraction, len(node_ids)), replace=False)  # positions: ids are uint64
     return sorted(node_ids[int(i)] for i in picks)
 
 

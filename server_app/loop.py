@@ -26,6 +26,7 @@ from fedcil.training import accuracies, correct_per_task, evaluate_seen_tasks
 from fedcil.secagg.server import SecAggSettings
 from server_app.influence import InfluenceBounds, bound_influence
 from server_app.federation import Post, RoundExchange, Send, flower_post, sample_nodes, wait_for_federation, wait_for_nodes
+from server_app.privacy import CentralPrivacy
 from server_app.secure import secure_sender
 from server_app.validation import InvalidReply, ReplyLimits, TooFewReplies, checked_update, clipped
 from strategies import FederatedStrategy, build_strategy
@@ -108,16 +109,18 @@ def server_model(cfg: DictConfig) -> tuple[FCILModel, TaskSplit, Experiment | No
 
 def train_round(
     send: Send, cfg: DictConfig, strategy: FederatedStrategy, nodes: list[int],
-    rng: np.random.Generator, task: int, round_in_task: int,
+    rng: np.random.Generator, task: int, round_in_task: int, privacy: CentralPrivacy = CentralPrivacy(),
 ) -> RoundExchange:
-    """Sample clients, send the strategy's plan, merge the valid replies; the exchange.
+    """Sample clients, send the strategy's plan, merge the valid replies (noised with ``dp``); the exchange.
 
     After a task's last round, the strategy's statistics request (if any) goes to every
     node and its replies go to ``strategy.end_task``; its bytes count in this round.
     """
     sampled = sample_nodes(nodes, cfg.fraction_train, rng)
-    result = send(strategy.configure_round(task, round_in_task), task, round_in_task, sampled)
+    training = strategy.configure_round(task, round_in_task)
+    result = send(training, task, round_in_task, sampled)
     strategy.aggregate_round(task, round_in_task, result.updates)
+    strategy.state.update(privacy.noise(strategy.state, training.train_groups, result.updates, task, round_in_task))
     if round_in_task == cfg.rounds_per_task - 1:
         plan = strategy.task_end_plan(task)
         statistics = send(plan, task, round_in_task, nodes) if plan else None
@@ -236,6 +239,7 @@ def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | N
     output_dir = resolve_output_dir(cfg)
     model, split, experiment = server_model(cfg)
     strategy = build_strategy(cfg, split, model.initial_state)
+    privacy = CentralPrivacy.from_config(cfg)
     send = checked_sender(post, cfg, strategy)
     evaluator = ClientEvaluator(send, nodes) if experiment is None else ServerEvaluator(cfg, experiment, model)
     rng = np.random.default_rng(cfg.seed)
@@ -262,7 +266,8 @@ def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | N
             strategy.start_task(task)
         for round_in_task in range(first_round if task == first_task else 0, rounds_per_task):
             round_start = time.monotonic()
-            result = train_round(send, cfg, strategy, nodes, rng, task, round_in_task)
+            privacy.check_budget(len(rounds), task, round_in_task)  # every round so far was noised
+            result = train_round(send, cfg, strategy, nodes, rng, task, round_in_task, privacy)
             last = round_in_task == rounds_per_task - 1
             accuracy = None
             if every_round or last:
@@ -273,7 +278,8 @@ def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | N
                 result.bytes_down += evaluation.bytes_down
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
-            rounds.append(round_record(task, round_in_task, result, accuracy, time.monotonic() - round_start))
+            record = round_record(task, round_in_task, result, accuracy, time.monotonic() - round_start)
+            rounds.append(record | privacy.record(len(rounds) + 1))
             if cfg.checkpoint:
                 tensors, values = strategy.checkpoint()
                 save_checkpoint(output_dir, Checkpoint(

@@ -7,7 +7,10 @@
    one of the 48 adapted layers (qkv, proj, fc1, fc2 of 12 blocks) and the head rows of a
    CIFAR-100 task) for an A-round and a B-round, with diagonal Grams (``gram_alpha = 0``,
    the paper's backbone setting) and dense ones (``gram_alpha = 1``); and the end-of-task
-   cross-task merge of the evaluated model. Median of ``--repeats`` runs on this CPU.
+   cross-task merge of the evaluated model. Median of ``--repeats`` runs on this CPU. Next
+   to each round's merge, one run of the influence bounds on the same replies (the Gram
+   checks and the default ``capped`` weighting, ``server_app/influence.py``), which the
+   server applies before it merges.
 2. Bytes uploaded per client per round, from the protobuf of real reply messages:
    LoRM (each round kind, and the mean over a 5-round task with its Gram exchange),
    FedAvg-LoRA (A, B and head), and what the paper's code ships per client and round (the
@@ -31,6 +34,7 @@ from bench import save_result
 from fedcil.config import compose_config
 from fedcil.protocol import ClientUpdate, encode_reply
 from fedcil.tasks import split_for
+from server_app.influence import InfluenceBounds, bound_influence
 from strategies import build_strategy
 from strategies.lorm import client_summaries
 
@@ -86,6 +90,14 @@ def time_merge(strategy, round_in_task: int, updates: list[ClientUpdate], repeat
     return statistics.median(times)
 
 
+def time_bounds(strategy, round_in_task: int, updates: list[ClientUpdate]) -> float:
+    """Seconds of one pass of the default influence bounds over a round's replies."""
+    sums = strategy.weighted_sums(strategy.configure_round(0, round_in_task))
+    start = time.perf_counter()
+    bound_influence(updates, sums, InfluenceBounds())
+    return time.perf_counter() - start
+
+
 def time_task_end(strategy, grams: dict, repeats: int) -> float:
     """Median seconds to fold a task's Grams in and compute the evaluated base deltas."""
     updates = [ClientUpdate(k, {f"{n}.G": g.float() for n, g in grams.items() if n != "head"}, 100, 0.0) for k in range(CLIENTS)]
@@ -113,6 +125,7 @@ def measure(rank: int, repeats: int) -> dict:
             summary = {k: v.float() for k, v in client_summaries(state, grams, factor, rows, 100).items()}
             updates = [ClientUpdate(k, summary, 100, 0.0) for k in range(CLIENTS)]
             seconds[f"{factor[-1]}-round"] = time_merge(strategy, round_in_task, updates, repeats)
+            seconds[f"{factor[-1]}-round bounds"] = time_bounds(strategy, round_in_task, updates)
             result["bytes"][f"lorm {name} {factor[-1]}-round"] = reply_bytes(summary)
         seconds["task end"] = time_task_end(strategy, grams, repeats)
         result["seconds"][name] = seconds
@@ -138,6 +151,10 @@ def report(result: dict) -> None:
         verdict = "met" if worst < TARGETS_S[name] else "MISSED"
         print(f"{name:<18}{seconds['A-round']:>10.3f}{seconds['B-round']:>10.3f}{seconds['task end']:>10.3f}   "
               f"< {TARGETS_S[name]} s per round: {verdict}")
+    print(f"\n{'influence bounds (s)':<18}{'A-round':>10}{'B-round':>10}   vs the round's merge")
+    for name, seconds in result["seconds"].items():
+        ratio = max(seconds[f"{k}-round bounds"] / seconds[f"{k}-round"] for k in "AB")
+        print(f"{name:<18}{seconds['A-round bounds']:>10.3f}{seconds['B-round bounds']:>10.3f}   up to {ratio:.1f}x")
     base = result["bytes"]["fedavg_lora"]
     print(f"\n{'upload per client per round':<48}{'bytes':>14}{'vs FedAvg-LoRA':>16}")
     for name, size in result["bytes"].items():

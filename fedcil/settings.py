@@ -19,6 +19,7 @@ from fedcil.tasks import split_for
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_INITS = ("torch", "timm")
+WEIGHTINGS = ("claimed", "capped", "uniform")  # replies.weighting (server_app/influence.py)
 SUMS_OF_STATISTICS = ("lorm", "analytic")  # methods whose replies are statistics, not trained tensors
 DP_METHODS = ("fedavg_lora", "ffa_lora", "head_only")  # methods whose merge is an average of trained tensors: dp
 CHOICES = {
@@ -28,7 +29,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "precision": PRECISIONS,
     "model.head_init": HEAD_INITS,
-    "replies.weighting": ("claimed", "capped", "uniform"),
+    "replies.weighting": WEIGHTINGS,
     "secagg.enabled": (True, False),
     "secagg.modulus_bits": (32, 64),
     "dp.enabled": (True, False),

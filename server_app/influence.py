@@ -37,8 +37,7 @@ from omegaconf import DictConfig
 
 from fedcil.errors import choices_error
 from fedcil.protocol import ClientUpdate, WeightedSums
-
-WEIGHTINGS = ("claimed", "capped", "uniform")
+from fedcil.settings import WEIGHTINGS
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,12 @@ class InfluenceBounds:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> InfluenceBounds:
         r = cfg.replies
-        optional = lambda value: None if value is None else float(value)  # noqa: E731
-        return cls(str(r.weighting), float(r.cap_factor), optional(r.energy_factor), optional(r.psd_tolerance))
+        return cls(str(r.weighting), float(r.cap_factor), optional_float(r.energy_factor), optional_float(r.psd_tolerance))
+
+
+def optional_float(value: float | None) -> float | None:
+    """A setting that is a number or null (its check off)."""
+    return None if value is None else float(value)
 
 
 @dataclass

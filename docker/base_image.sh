@@ -11,8 +11,8 @@
 # DEBIAN_MIRROR overrides the mirror (default http://deb.debian.org/debian).
 set -euo pipefail
 APP=$(cd "$(dirname "$0")/.." && pwd)
-flwr_version=$(sed -n 's/^ *"flwr\[simulation\]==\([0-9.]*\)".*/\1/p' "$APP/pyproject.toml")
-[ -n "$flwr_version" ] || { echo "base_image.sh: no flwr[simulation]==X pin found in $APP/pyproject.toml" >&2; exit 1; }
+flwr_version=$(sed -n 's/^ *"flwr\[[a-z,]*\]==\([0-9.]*\)".*/\1/p' "$APP/pyproject.toml")
+[ -n "$flwr_version" ] || { echo "base_image.sh: no flwr[...]==X pin found in $APP/pyproject.toml" >&2; exit 1; }
 tag=${1:-fedcil-base:$flwr_version}
 ca=/etc/ssl/certs/ca-certificates.crt
 for tool in debootstrap docker; do

@@ -61,35 +61,57 @@ def wait_until(check, what: str, timeout: float) -> None:
 
 
 class Dockerd:
-    """A Docker daemon of the test's own, stopped by its pid."""
+    """A Docker daemon of the test's own, on a containerd of its own; both stopped by their pids.
+
+    dockerd gives a containerd it starts itself 15 s to answer, which a cold, busy machine can
+    miss; starting containerd first lets the test wait as long as it needs.
+    """
 
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True)
         self.socket = root / "docker.sock"
         self.log = root / "dockerd.log"
-        self.proc = subprocess.Popen(
-            ["dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false", f"--data-root={root / 'data'}",
-             f"--exec-root={root / 'exec'}", f"--pidfile={root / 'dockerd.pid'}", f"--host=unix://{self.socket}"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-        )
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}"}
-        wait_until(self.ready, "dockerd", 60)
+        self.procs: list[subprocess.Popen] = []
+        containerd_socket = root / "exec" / "containerd.sock"
+        config = root / "containerd.toml"
+        config.write_text(
+            f'version = 2\nroot = "{root / "data" / "containerd"}"\nstate = "{root / "exec" / "containerd"}"\n'
+            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{containerd_socket}"\n'
+        )
+        try:
+            self.start(["containerd", f"--config={config}"])
+            wait_until(lambda: self.answers(["ctr", f"--address={containerd_socket}", "version"]), "containerd", 120)
+            self.start(["dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false", f"--data-root={root / 'data'}",
+                        f"--exec-root={root / 'exec'}", f"--pidfile={root / 'dockerd.pid'}", f"--host=unix://{self.socket}",
+                        f"--containerd={containerd_socket}"])
+            wait_until(lambda: self.answers(["docker", "info"]), "dockerd", 120)
+        except BaseException:
+            self.stop()
+            raise
 
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, self.log.read_text()[-3000:]
-        return subprocess.run(["docker", "info"], env=self.env, capture_output=True).returncode == 0
+    def start(self, cmd: list[str]) -> None:
+        with self.log.open("a") as log:
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+
+    def answers(self, cmd: list[str]) -> bool:
+        """Whether `cmd` succeeds; fails the test at once if a daemon has exited."""
+        for proc in self.procs:
+            assert proc.poll() is None, f"{proc.args[0]} exited with {proc.returncode}:\n{self.log.read_text()[-3000:]}"
+        return subprocess.run(cmd, env=self.env, capture_output=True).returncode == 0
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        # dockerd leaves its network namespace mounted under the exec root.
+        for proc in reversed(self.procs):  # dockerd before its containerd
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # dockerd leaves its data root and network namespace mounted under the test's root.
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-        for mount in sorted((m for m in mounts if m.startswith(f"{self.root}/")), reverse=True):
+        for mount in sorted((m for m in mounts if m == str(self.root) or m.startswith(f"{self.root}/")), reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 

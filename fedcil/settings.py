@@ -36,6 +36,11 @@ CHOICES = {
 }
 
 
+def optional_float(value: float | None) -> float | None:
+    """A setting that is a number or null (that setting off)."""
+    return None if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class Range:
     """Allowed values of one numeric setting: a type, bounds (open or closed) and null or not."""

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 
 from fedcil.errors import choices_error
 from fedcil.protocol import ClientUpdate, WeightedSums
-from fedcil.settings import WEIGHTINGS
+from fedcil.settings import WEIGHTINGS, optional_float
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,6 @@ class InfluenceBounds:
     def from_config(cls, cfg: DictConfig) -> InfluenceBounds:
         r = cfg.replies
         return cls(str(r.weighting), float(r.cap_factor), optional_float(r.energy_factor), optional_float(r.psd_tolerance))
-
-
-def optional_float(value: float | None) -> float | None:
-    """A setting that is a number or null (its check off)."""
-    return None if value is None else float(value)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from omegaconf import DictConfig
 
 from fedcil.protocol import ClientUpdate, TensorDict, param_group
+from fedcil.settings import optional_float
 from server_app.federation import sample_size
 
 REPLACE_ONE_SENSITIVITY = 2.0
@@ -63,8 +64,7 @@ class CentralPrivacy:
         """From ``dp``, ``replies.clip_norm``, ``num_clients``, ``fraction_train`` and ``seed`` (checked by fedcil.settings)."""
         if not cfg.dp.enabled:
             return cls()
-        budget = None if cfg.dp.max_epsilon is None else float(cfg.dp.max_epsilon)
-        return cls(True, float(cfg.dp.noise_multiplier), float(cfg.replies.clip_norm), float(cfg.dp.delta), budget,
+        return cls(True, float(cfg.dp.noise_multiplier), float(cfg.replies.clip_norm), float(cfg.dp.delta), optional_float(cfg.dp.max_epsilon),
                    int(cfg.num_clients), sample_size(cfg.fraction_train, cfg.num_clients), int(cfg.seed))
 
     def epsilon(self, rounds: int) -> float:

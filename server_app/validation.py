@@ -23,6 +23,7 @@ from flwr.app import RecordDict
 from omegaconf import DictConfig
 
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, Shapes, decode_reply
+from fedcil.settings import optional_float
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EVAL_KEYS = (EVAL_CORRECT, EVAL_COUNT)
@@ -47,7 +48,7 @@ class ReplyLimits:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ReplyLimits:
         r = cfg.replies
-        return cls(int(r.max_examples), float(r.max_norm), None if r.clip_norm is None else float(r.clip_norm))
+        return cls(int(r.max_examples), float(r.max_norm), optional_float(r.clip_norm))
 
 
 def checked_update(node_id: int, content: RecordDict, expected: Shapes, limits: ReplyLimits) -> ClientUpdate:

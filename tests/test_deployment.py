@@ -150,7 +150,7 @@ def test_a_supernode_with_an_unregistered_key_is_refused(tmp_path):
     # Each in its own process group: both start a flower-superexec, stopped with them.
     link = subprocess.Popen(
         [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
-         "--ssl-keyfile", str(certs / "server.key"), "--database", ":memory:", "--host", "127.0.0.1", "--port", str(port),
+         "--ssl-keyfile", str(certs / "server.key"), "--database", str(tmp_path / "state.db"), "--host", "127.0.0.1", "--port", str(port),
          "--enable-supernode-auth"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )
     rogue = None

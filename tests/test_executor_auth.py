@@ -43,9 +43,11 @@ def apis(tmp_path_factory) -> Iterator[dict]:
     secrets = {side: tmp / side for side in ports}
     for path in secrets.values():
         path.write_bytes(os.urandom(32).hex().encode())
+    # A state file, as in deployment: Flower's ":memory:" database shares one SQLite connection
+    # across the API's threads, and a request that meets the SuperNode's own can fail with 500.
     with contextlib.ExitStack() as stack:
         for side, cmd in (
-            ("superlink", ["flower-superlink", "--insecure", "--database", ":memory:", "--host", "127.0.0.1"]),
+            ("superlink", ["flower-superlink", "--insecure", "--database", str(tmp / "state.db"), "--host", "127.0.0.1"]),
             ("supernode", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{ports['superlink']}"]),
         ):
             proc = stack.enter_context(started(

@@ -389,3 +389,22 @@ def test_kind_of_messages_is_kept():
     result = secure_sender(post, strategy, SecAggSettings(True), LIMITS, 1)(plan, 0, 0, [1, 2])
     assert kinds == [MessageType.EVALUATE] * 4
     assert result.updates[0].tensors["eval.correct"].tolist() == [6.0] and result.updates[0].tensors["eval.count"].tolist() == [14.0]
+
+
+def test_a_server_re_running_one_exchange_over_fewer_clients_to_subtract_the_sums_is_refused():
+    """Finding: the same request summed over S and over S minus X gives X's reply by subtraction."""
+    strategy = micro_strategy("analytic")
+    plan = strategy.configure_round(0, 0)
+    rng = np.random.default_rng(9)
+    people = Clients({node: encode_reply(*random_reply(strategy.expected_reply(plan, 0), rng)) for node in range(10, 14)})
+    send = secure_sender(people.post, strategy, SecAggSettings(True), LIMITS, 1)
+    send(plan, 0, 0, [10, 11, 12, 13])
+    with pytest.raises(TooFewReplies, match="secagg stage setup: 0 valid answers"):
+        send(plan, 0, 0, [10, 11, 12])
+    assert len(people.refusals) == 3 and all("exchange 0/0/statistics:" in r and "set up before" in r for r in people.refusals)
+    # the same clients go on with the run's next exchanges: another round, and an evaluation of this one
+    assert send(plan, 0, 1, [10, 11, 12]).updates[0].clients == 3
+    evaluation = Clients({n: encode_reply({"eval.correct": torch.tensor([3.0]), "eval.count": torch.tensor([7.0])}, 7, 0.0) for n in (10, 11)})
+    evaluation.states = people.states
+    lorm = micro_strategy("lorm")
+    assert secure_sender(evaluation.post, lorm, SecAggSettings(True), LIMITS, 1)(lorm.evaluation_plan(), 0, 0, [10, 11]).updates[0].clients == 2

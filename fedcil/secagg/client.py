@@ -13,7 +13,9 @@
 
 State between stages lives in a :class:`~flwr.app.RecordDict` (Flower's ``context.state``);
 a request for a stage out of order, for another round, or that would reveal both secrets
-of a client raises :class:`ProtocolError`.
+of a client raises :class:`ProtocolError`, and so does a second setup for an exchange
+(task, round and kind) already set up in this run: a server re-running one exchange over
+two sets of clients could subtract the sums.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fedcil.secagg.encoding import FixedPoint, range_exponent
 
 RECORD = "secagg"  # the ConfigRecord of every secure-aggregation request and reply
 VECTOR = "secagg-vector"  # the ArrayRecord a client keeps its vector in, and sends it masked in
+SET_UP = "secagg-set-up"  # the ConfigRecord of the exchanges this client has set up in this run
 STAGES = ("setup", "share-keys", "collect", "unmask")
 COUNT, LOSS = "#num-examples", "#loss-sum"  # the last two segments of every vector
 
@@ -71,6 +74,26 @@ def _state(state: RecordDict, request: ConfigRecord, stage: str) -> ConfigRecord
 
 def _reply(request: ConfigRecord, **fields: object) -> ConfigRecord:
     return ConfigRecord({"stage": request["stage"], "session": request["session"], **fields})  # type: ignore[arg-type]
+
+
+def exchange_of(content: RecordDict) -> str:
+    """What a round request is for: ``task/round/kind``, kind ``train``, ``evaluate`` or ``statistics:<name>``."""
+    config = content.config_records.get("config")
+    if config is None or "task" not in config or "round" not in config:
+        raise ProtocolError("secagg setup without a round request (task and round)")
+    statistics = str(config.get("statistics", "none"))
+    kind = "evaluate" if config.get("evaluate") else "train" if statistics == "none" else f"statistics:{statistics}"
+    return f"{int(config['task'])}/{int(config['round'])}/{kind}"
+
+
+def claim_exchange(content: RecordDict, state: RecordDict) -> None:
+    """Record that this client sets up ``content``'s exchange; refuse one it has set up before."""
+    exchange = exchange_of(content)
+    done = state.config_records.setdefault(SET_UP, ConfigRecord({"exchanges": []}))
+    if exchange in done["exchanges"]:
+        raise ProtocolError(f"secagg setup for exchange {exchange} (task/round/kind), which this client has set up "
+                            "before; a second sum over other clients would reveal the difference")
+    done["exchanges"] = [*done["exchanges"], exchange]
 
 
 def setup(request: ConfigRecord, answer: RecordDict, node: int, state: RecordDict) -> RecordDict:
@@ -181,6 +204,7 @@ def respond(content: RecordDict, state: RecordDict, node: int, answer: Callable[
     request = content.config_records[RECORD]
     stage = request.get("stage")
     if stage == "setup":
+        claim_exchange(content, state)
         return setup(request, answer(content), node, state)
     if stage == "share-keys":
         return share_keys(request, state)

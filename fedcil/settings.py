@@ -116,6 +116,7 @@ RANGES: dict[str, Range] = {
     "secagg.num_neighbours": at_least(2, nullable=True),
     "secagg.threshold": Range(float, low=0.5, high=1, low_open=True),
     "secagg.max_dropouts": at_least(0, nullable=True),
+    "secagg.exponent_slack": at_least(0),
     "dp.noise_multiplier": positive(),
     "dp.max_epsilon": positive(nullable=True),
     "dp.delta": Range(float, low=0, high=1, low_open=True, high_open=True),

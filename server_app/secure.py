@@ -32,7 +32,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, encode_request
 from fedcil.secagg.client import COUNT, LOSS, RECORD, VECTOR
 from fedcil.secagg.encoding import MIN_EXPONENT, FixedPoint
-from fedcil.secagg.server import SecAggFailed, SecAggSettings, neighbourhoods, threshold_of, unmasked_sum
+from fedcil.secagg.server import SecAggFailed, SecAggSettings, neighbourhoods, outlying_exponents, threshold_of, unmasked_sum
 from server_app.federation import Post, RoundExchange, Send
 from server_app.influence import sanity_problem
 from server_app.validation import InvalidReply, ReplyLimits, TooFewReplies, checked
@@ -101,12 +101,19 @@ class SecureRound:
                 stage_record(content, stage, self.session)
                 kept[node] = check(node, content)
             except Exception as exc:  # whatever a client's bytes make the checks raise
-                self.result.failed[node] = f"invalid secagg {stage} reply: {exc}"
-                log(WARNING, "node %s left out of the secure sum: %s", node, self.result.failed[node])
+                self.leave_out(node, f"invalid secagg {stage} reply: {exc}")
+        self.require(stage, kept)
+        return kept
+
+    def leave_out(self, node: int, reason: str) -> None:
+        self.result.failed[node] = reason
+        log(WARNING, "node %s left out of the secure sum: %s", node, reason)
+
+    def require(self, stage: str, kept: Mapping[int, object]) -> None:
+        """Stop the run when fewer than ``needed`` nodes are left after ``stage``."""
         if len(kept) < self.needed:
             raise TooFewReplies(f"secagg stage {stage}: {len(kept)} valid answers, {self.needed} needed; stopping "
                                 "(the checkpoint of the last finished round is kept)")
-        return kept
 
     def request(self, stage: str, **fields: object) -> RecordDict:
         return RecordDict({RECORD: ConfigRecord({"stage": stage, "session": self.session, **fields})})  # type: ignore[arg-type]
@@ -134,6 +141,12 @@ class SecureRound:
             return {**keys, "exponents": exponents}
 
         keys = self.exchange("setup", {n: setup for n in nodes}, check_setup)
+        slack = self.settings.exponent_slack
+        for node, (i, exponent, median) in outlying_exponents({n: k["exponents"] for n, k in keys.items()}, slack).items():
+            self.leave_out(node, f"range exponent {exponent} of {names[i]} is more than secagg.exponent_slack={slack} "
+                                 f"bits above the round's median {median}")
+            del keys[node]
+        self.require("setup", keys)
         joined = sorted(keys)
         exponents = [max(keys[n]["exponents"][i] for n in joined) for i in range(len(names))]
         encoding = FixedPoint(bits, len(joined), tuple(exponents), tuple(sizes))

@@ -24,12 +24,12 @@ from fedcil.protocol import ClientUpdate, RoundPlan, encode_reply
 from fedcil.secagg import masks
 from fedcil.secagg.client import RECORD, VECTOR, ProtocolError, respond
 from fedcil.secagg.encoding import FixedPoint, range_exponent
-from fedcil.secagg.server import SecAggSettings, neighbourhoods, threshold_of
+from fedcil.secagg.server import SecAggSettings, neighbourhoods, outlying_exponents, threshold_of
 from fedcil.settings import check_settings
 from fedcil.shapes import declared_shape
 from fedcil.tasks import split_for
 from server_app.federation import RoundExchange
-from server_app.secure import secure_sender
+from server_app.secure import exponent_caps, secure_sender
 from server_app.validation import ReplyLimits, TooFewReplies
 from strategies import build_strategy
 from strategies.aggregation import sum_updates
@@ -408,3 +408,30 @@ def test_a_server_re_running_one_exchange_over_fewer_clients_to_subtract_the_sum
     evaluation.states = people.states
     lorm = micro_strategy("lorm")
     assert secure_sender(evaluation.post, lorm, SecAggSettings(True), LIMITS, 1)(lorm.evaluation_plan(), 0, 0, [10, 11]).updates[0].clients == 2
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+def test_one_client_claiming_the_largest_range_is_left_out_instead_of_zeroing_the_sum(bits):
+    """Finding: the server took the round's largest exponent, so one claim of the cap rounded every entry to 0."""
+    def claims_the_cap(node, stage, reply):
+        if (node, stage) == (10, "setup"):
+            record = reply.config_records[RECORD]
+            record["exponents"] = exponent_caps(record["names"], LIMITS, weighted=False)
+        return reply
+
+    _, _, _, updates, result, _ = secure_and_plain("analytic", 5, 10, SecAggSettings(True, modulus_bits=bits), claims_the_cap)
+    honest = [u for u in updates if u.node_id != 10]
+    [total] = result.updates
+    for name, value in sum_updates(honest, ["G", "C"]).items():
+        torch.testing.assert_close(total.tensors[name], value, rtol=1e-6 if bits == 32 else 1e-9, atol=1e-6 * float(value.abs().max()))
+    assert total.clients == 4 and total.num_examples == sum(u.num_examples for u in honest)
+    assert "secagg.exponent_slack=12 bits above the round's median" in result.failed[10]
+
+
+def test_range_exponents_far_above_the_median_are_outliers_and_all_zero_tensors_set_no_median():
+    zero = -126
+    exponents = {1: [3, zero, 0], 2: [5, zero, 1], 3: [15, 40, 2], 4: [16, zero, 13], 5: [4, zero, 1]}
+    # medians (the lower one, of non-zero tensors): 5, 40, 1; slack 11 leaves out node 4 (its third tensor: 13 > 1 + 11)
+    assert outlying_exponents(exponents, 11) == {4: (2, 13, 1)}
+    assert outlying_exponents(exponents, 9) == {3: (0, 15, 5), 4: (0, 16, 5)}
+    assert outlying_exponents(exponents, 12) == {}

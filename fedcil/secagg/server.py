@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 
 from fedcil.secagg import masks
 from fedcil.secagg.client import pairwise_sign
-from fedcil.secagg.encoding import MODULUS_BITS, FixedPoint
+from fedcil.secagg.encoding import MIN_EXPONENT, MODULUS_BITS, FixedPoint
 
 MAX_COMBINATIONS = 64  # subsets of shares tried before a secret is declared unrecoverable
 
@@ -37,6 +38,9 @@ class SecAggSettings:
     max_dropouts : most clients that may drop out of a round after sharing keys (None: as
         many as the threshold allows); a round with more stops the run.
     modulus_bits : 32 or 64: the size of every encoded entry (precision against bytes).
+    exponent_slack : a client whose range exponent for a tensor is more than this many bits
+        above the round's median for that tensor is left out of the sum (it would coarsen
+        everyone's encoding, down to zero).
     """
 
     enabled: bool = False
@@ -44,18 +48,38 @@ class SecAggSettings:
     threshold: float = 0.6
     max_dropouts: int | None = None
     modulus_bits: int = 64
+    exponent_slack: int = 12
 
     @classmethod
     def from_config(cls, secagg: Mapping[str, Any]) -> SecAggSettings:
         neighbours, dropouts = secagg["num_neighbours"], secagg["max_dropouts"]
         return cls(
             bool(secagg["enabled"]), None if neighbours is None else int(neighbours), float(secagg["threshold"]),
-            None if dropouts is None else int(dropouts), int(secagg["modulus_bits"]),
+            None if dropouts is None else int(dropouts), int(secagg["modulus_bits"]), int(secagg["exponent_slack"]),
         )
 
     def __post_init__(self) -> None:
         if self.modulus_bits not in MODULUS_BITS:
             raise ValueError(f"secagg.modulus_bits={self.modulus_bits!r}; valid choices: 32, 64")
+
+
+def outlying_exponents(exponents: Mapping[int, Sequence[int]], slack: int) -> dict[int, tuple[int, int, int]]:
+    """Per node with a segment whose range exponent is more than ``slack`` above that segment's
+    median: ``(segment, exponent, median)`` of its first such segment.
+
+    The median (the lower one) is over the nodes whose segment is not all zero
+    (``MIN_EXPONENT``), so that a tensor most clients leave at zero does not drop the others.
+    """
+    medians = []
+    for segment in range(len(next(iter(exponents.values()), []))):
+        nonzero = [e[segment] for e in exponents.values() if e[segment] > MIN_EXPONENT]
+        medians.append(statistics.median_low(nonzero) if nonzero else MIN_EXPONENT)
+    outliers = {}
+    for node, own in exponents.items():
+        above = [i for i, (e, median) in enumerate(zip(own, medians)) if e > median + slack]
+        if above:
+            outliers[node] = (above[0], own[above[0]], medians[above[0]])
+    return outliers
 
 
 def neighbourhoods(nodes: Sequence[int], degree: int | None, session: bytes) -> dict[int, list[int]]:

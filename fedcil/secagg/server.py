@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,17 +102,49 @@ def threshold_of(holders: int, share: float) -> int:
     return min(holders, max(holders // 2 + 1, math.ceil(share * holders)))
 
 
-def rebuild_checked(shares: Sequence[bytes], threshold: int, valid: Callable[[bytes], bool], owner: int) -> bytes:
-    """The secret that ``threshold`` of ``shares`` rebuild and ``valid`` accepts.
+def _blocks(count: int, threshold: int, left_out: int) -> list[range]:
+    """``count`` share positions cut into blocks so small that leaving out any ``left_out`` of them keeps ``threshold``."""
+    size = (count - threshold) // left_out
+    return [range(i, min(i + size, count)) for i in range(0, count, size)]
 
-    Subsets are tried in turn (at most :data:`MAX_COMBINATIONS`), so tampered shares are
-    outvoted while enough honest ones are left.
+
+def tolerated_tampering(count: int, threshold: int) -> int:
+    """The most tampered shares among ``count`` that :func:`rebuild_checked` always outvotes.
+
+    It tries every way to leave out ``e`` blocks for ``e = 1, 2, ...`` while the subsets
+    tried stay within :data:`MAX_COMBINATIONS`; one of those leaves out every tampered share.
+    """
+    tried, tolerated = 1, 0
+    while tolerated < count - threshold:
+        more = math.comb(len(_blocks(count, threshold, tolerated + 1)), tolerated + 1)
+        if tried + more > MAX_COMBINATIONS:
+            break
+        tried, tolerated = tried + more, tolerated + 1
+    return tolerated
+
+
+def share_subsets(count: int, threshold: int) -> Iterator[list[int]]:
+    """Positions of shares to rebuild a secret from: the first ``threshold``, then all but ``e``
+    blocks, for every choice of blocks, ``e`` from 1 to :func:`tolerated_tampering`."""
+    yield list(range(threshold))
+    for left_out in range(1, tolerated_tampering(count, threshold) + 1):
+        for blocks in itertools.combinations(_blocks(count, threshold, left_out), left_out):
+            out = set().union(*blocks)
+            yield [i for i in range(count) if i not in out]
+
+
+def rebuild_checked(shares: Sequence[bytes], threshold: int, valid: Callable[[bytes], bool], owner: int) -> bytes:
+    """The secret that at least ``threshold`` of ``shares`` rebuild and ``valid`` accepts.
+
+    Up to :func:`tolerated_tampering` tampered shares, wherever they are, are outvoted:
+    Shamir's interpolation through more than ``threshold`` consistent shares gives the same
+    secret, so each subset of :func:`share_subsets` that holds no tampered share rebuilds it.
     """
     if len(shares) < threshold:
         raise SecAggFailed(f"node {owner}: {len(shares)} shares of its secret came back, {threshold} needed")
-    for subset in itertools.islice(itertools.combinations(shares, threshold), MAX_COMBINATIONS):
+    for subset in share_subsets(len(shares), threshold):
         try:
-            secret = masks.rebuild_secret(list(subset))
+            secret = masks.rebuild_secret([shares[i] for i in subset])
             if valid(secret):
                 return secret
         except Exception:  # a tampered share makes garbage or a padding error

@@ -119,18 +119,23 @@ def micro_strategy(method: str):
     return strategy
 
 
-def random_reply(shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], int, float]:
-    """Tensors of ``shapes`` spanning orders of magnitude (Grams positive semi-definite), a count, a loss."""
-    tensors = {}
-    for name, shape in sorted(shapes.items()):
-        scale = 10.0 ** rng.uniform(-4, 6)
-        if name.endswith((".G", ".S")) or name == "G":
-            rows = rng.standard_normal((2 * shape[0], shape[0]))
-            value = (rows.T @ rows) * scale if len(shape) == 2 else rng.uniform(0, scale, shape)
-        else:
-            value = rng.standard_normal(shape) * scale
-        tensors[name] = torch.tensor(value, dtype=torch.float32)
-    return tensors, int(rng.integers(1, 500)), float(rng.uniform(0, 3))
+def random_replies(shapes: dict[str, tuple[int, ...]], nodes: range, rng: np.random.Generator) -> dict[int, tuple[dict[str, torch.Tensor], int, float]]:
+    """Per node, tensors of ``shapes``, a count and a loss. Tensors span orders of magnitude from
+    one name to the next and vary 100-fold between nodes (Grams positive semi-definite)."""
+    scales = {name: 10.0 ** rng.uniform(-4, 6) for name in shapes}
+    replies = {}
+    for node in nodes:
+        tensors = {}
+        for name, shape in sorted(shapes.items()):
+            scale = scales[name] * 10.0 ** rng.uniform(-1, 1)
+            if name.endswith((".G", ".S")) or name == "G":
+                rows = rng.standard_normal((2 * shape[0], shape[0]))
+                value = (rows.T @ rows) * scale if len(shape) == 2 else rng.uniform(0, scale, shape)
+            else:
+                value = rng.standard_normal(shape) * scale
+            tensors[name] = torch.tensor(value, dtype=torch.float32)
+        replies[node] = (tensors, int(rng.integers(1, 500)), float(rng.uniform(0, 3)))
+    return replies
 
 
 def secure_and_plain(method: str, clients: int, seed: int, secagg: SecAggSettings, tamper=None):
@@ -138,7 +143,7 @@ def secure_and_plain(method: str, clients: int, seed: int, secagg: SecAggSetting
     plain, secure = micro_strategy(method), micro_strategy(method)
     plan = plain.configure_round(0, 0)
     rng = np.random.default_rng(seed)
-    drawn = {node: random_reply(plain.expected_reply(plan, 0), rng) for node in range(10, 10 + clients)}
+    drawn = random_replies(plain.expected_reply(plan, 0), range(10, 10 + clients), rng)
     updates = [ClientUpdate(node, tensors, n, loss) for node, (tensors, n, loss) in drawn.items()]
     people = Clients({node: encode_reply(*reply) for node, reply in drawn.items()}, tamper)
     result = secure_sender(people.post, secure, secagg, LIMITS, 1)(plan, 0, 0, sorted(drawn))
@@ -396,7 +401,7 @@ def test_a_server_re_running_one_exchange_over_fewer_clients_to_subtract_the_sum
     strategy = micro_strategy("analytic")
     plan = strategy.configure_round(0, 0)
     rng = np.random.default_rng(9)
-    people = Clients({node: encode_reply(*random_reply(strategy.expected_reply(plan, 0), rng)) for node in range(10, 14)})
+    people = Clients({node: encode_reply(*reply) for node, reply in random_replies(strategy.expected_reply(plan, 0), range(10, 14), rng).items()})
     send = secure_sender(people.post, strategy, SecAggSettings(True), LIMITS, 1)
     send(plan, 0, 0, [10, 11, 12, 13])
     with pytest.raises(TooFewReplies, match="secagg stage setup: 0 valid answers"):
@@ -448,6 +453,7 @@ def rebuilt_despite(tampered: set[int], holders: int, threshold: int, secret_byt
 def test_a_tampered_share_at_any_position_is_outvoted(holders):
     """Finding: 64 combinations in order never left out a share among the first ones (10 holders, t = 6: position 0 or 1)."""
     threshold = threshold_of(holders, 0.6)
+    assert tolerated_tampering(holders, threshold) == 2 == tolerated_tampering(holders, threshold_of(holders, 2 / 3))
     length = masks.SEED_BYTES if holders < 50 else 15  # one 16-byte block of Shamir shares instead of three: 3 times faster
     assert all(rebuilt_despite({position}, holders, threshold, length) for position in range(holders))
 
@@ -457,6 +463,6 @@ def test_a_tampered_share_at_any_position_is_outvoted(holders):
 def test_up_to_the_tolerated_number_of_tampered_shares_anywhere_are_outvoted(holders, share, data):
     threshold = threshold_of(holders, share)
     tolerated = tolerated_tampering(holders, threshold)
-    assert tolerated >= min(2, holders - threshold)
+    assert tolerated >= min(1, holders - threshold)
     tampered = data.draw(st.sets(st.integers(0, holders - 1), max_size=tolerated))
     assert rebuilt_despite(tampered, holders, threshold, secret_bytes=15)

@@ -161,6 +161,9 @@ def check_secure_aggregation(cfg: DictConfig) -> None:
     degree = cfg.secagg.num_neighbours
     if degree is not None and degree % 2:
         raise ConfigError(f"secagg.num_neighbours={degree} is odd; allowed: an even number >= 2 (a ring) or null (every client)")
+    if degree is not None and degree < sampled - 1 and cfg.secagg.threshold < 2 / 3:
+        raise ConfigError(f"secagg.threshold={cfg.secagg.threshold:g} with a ring (secagg.num_neighbours={degree}); allowed: "
+                          "at least 2/3 (a ring leaves a server that lies about dropouts more room; docs/secure_aggregation.md)")
 
 
 def check_differential_privacy(cfg: DictConfig) -> None:

@@ -2,7 +2,7 @@
 
 :func:`secure_sender` is the ServerApp's :data:`~server_app.loop.Send` when
 ``secagg.enabled``: every request (training, a method's statistics, evaluation) goes through
-the four stages of :mod:`fedcil.secagg.client`, and the round's result holds one update, the
+the five stages of :mod:`fedcil.secagg.client`, and the round's result holds one update, the
 sum of the survivors' replies (:class:`~fedcil.protocol.ClientUpdate` with ``clients`` set).
 A method declares how its replies add up (``FederatedStrategy.secure_sum``): ``sum`` for
 statistics (LoRM's summaries, the analytic Grams, evaluation counts), ``mean`` for
@@ -30,6 +30,7 @@ from flwr.common.logger import log
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, encode_request
+from fedcil.secagg import masks
 from fedcil.secagg.client import COUNT, LOSS, RECORD, VECTOR
 from fedcil.secagg.encoding import MIN_EXPONENT, FixedPoint
 from fedcil.secagg.server import SecAggFailed, SecAggSettings, neighbourhoods, outlying_exponents, threshold_of, unmasked_sum
@@ -134,8 +135,9 @@ class SecureRound:
             exponents = field(record, "exponents", int, len(names))
             if any(not MIN_EXPONENT <= e <= cap for e, cap in zip(exponents, caps)):
                 raise InvalidReply("a range exponent is outside what replies.max_norm and replies.max_examples allow")
-            keys = {key: field(record, key, bytes) for key in ("encryption-key", "mask-key", "seed-commitment")}
-            bytes_to_public_key(keys["encryption-key"]), bytes_to_public_key(keys["mask-key"])
+            keys = {key: field(record, key, bytes) for key in ("encryption-key", "mask-key", "signing-key", "seed-commitment")}
+            for key in ("encryption-key", "mask-key", "signing-key"):
+                bytes_to_public_key(keys[key])
             if len(keys["seed-commitment"]) != 32:
                 raise InvalidReply("seed-commitment is not 32 bytes")
             return {**keys, "exponents": exponents}
@@ -156,7 +158,8 @@ class SecureRound:
             n: self.request(
                 "share-keys", neighbours=[str(m) for m in neighbours[n]],
                 **{"encryption-keys": [keys[m]["encryption-key"] for m in neighbours[n]],
-                   "mask-keys": [keys[m]["mask-key"] for m in neighbours[n]]},
+                   "mask-keys": [keys[m]["mask-key"] for m in neighbours[n]],
+                   "signing-keys": [keys[m]["signing-key"] for m in neighbours[n]]},
                 threshold=thresholds[n], exponents=exponents, clients=len(joined),
             )
             for n in joined
@@ -197,15 +200,28 @@ class SecureRound:
             raise TooFewReplies(f"secagg: {len(dropped)} clients dropped out after sharing keys; node {n} has "
                                 f"{len(holders[n])} surviving share holders, threshold {thresholds[n]}; stopping "
                                 "(the checkpoint of the last finished round is kept)")
+        survivors = sorted(masked)
+        message = masks.survivors_message(self.session, survivors)
+
+        def check_signature(node: int, content: RecordDict) -> bytes:
+            signature = field(content.config_records[RECORD], "signature", bytes)
+            if not masks.verifies(keys[node]["signing-key"], message, signature):
+                raise InvalidReply("its signature of the survivor set does not verify")
+            return signature
+
+        signed = self.exchange("consistency", {n: self.request("consistency", survivors=[str(m) for m in survivors]) for n in masked},
+                               check_signature)
         unmask_requests = {
-            n: self.request("unmask", survivors=[str(m) for m in holders[n]],
-                            dropped=[str(m) for m in sources[n] if m not in masked])
-            for n in masked
+            n: self.request("unmask", signers=[str(m) for m in holders[n] if m in signed],
+                            signatures=[signed[m] for m in holders[n] if m in signed])
+            for n in signed
         }
+
         def check_unmask(node: int, content: RecordDict) -> dict[str, dict[int, bytes]]:
-            record, asked = content.config_records[RECORD], unmask_requests[node][RECORD]
+            record = content.config_records[RECORD]
             returned = {}
-            for kind, owners in (("seed", asked["survivors"]), ("key", asked["dropped"])):
+            asked = {"seed": [str(m) for m in holders[node]], "key": [str(m) for m in sources[node] if m not in masked]}
+            for kind, owners in asked.items():
                 if sorted(field(record, f"{kind}-owners", str, len(owners))) != sorted(owners):
                     raise InvalidReply(f"{kind}-owners differ from those asked for")
                 returned[kind] = dict(zip(map(int, record[f"{kind}-owners"]), field(record, f"{kind}-shares", bytes, len(owners))))

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from flwr.app import MessageType, RecordDict
+from flwr.app import ConfigRecord, MessageType, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +22,7 @@ from fedcil.errors import ConfigError
 from fedcil.model import model_for
 from fedcil.protocol import ClientUpdate, RoundPlan, encode_reply
 from fedcil.secagg import masks
-from fedcil.secagg.client import RECORD, VECTOR, ProtocolError, respond
+from fedcil.secagg.client import RECORD, SET_UP, VECTOR, ProtocolError, pairwise_sign, reply_vector, respond
 from fedcil.secagg.encoding import FixedPoint, range_exponent
 from fedcil.secagg.server import SecAggSettings, neighbourhoods, outlying_exponents, rebuild_checked, threshold_of, tolerated_tampering
 from fedcil.settings import check_settings
@@ -178,12 +178,14 @@ def test_the_secure_sum_equals_the_plain_aggregate_within_the_bound_for_every_su
 
 def test_the_server_sees_no_reply_only_keys_shares_and_masked_vectors():
     _, _, _, _, _, people = secure_and_plain("lorm", 3, 1, SecAggSettings(True))
-    assert [len(requests) for requests in people.requests] == [3, 3, 3, 3]  # setup, share-keys, collect, unmask
-    assert len(people.answers) == 12
+    assert [len(requests) for requests in people.requests] == [3] * 5  # setup, share-keys, collect, consistency, unmask
+    assert len(people.answers) == 15
     for node, stage, reply in people.answers:
         assert not reply.metric_records and list(reply.config_records) == [RECORD]
         assert list(reply.array_records) == ([VECTOR] if stage == "collect" else [])
     assert all(RECORD not in state.config_records and not state.array_records for state in people.states.values())
+    # what a client keeps across rounds is the exchanges it has set up, nothing secret
+    assert all(list(state.config_records) == [SET_UP] for state in people.states.values())
 
 
 def client_vectors(bits: int, length: int, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +243,7 @@ def test_too_many_dropouts_stop_the_round():
     def two_leave(node, stage, reply):
         return None if node in (10, 11, 12) and stage == "collect" else reply
 
-    with pytest.raises(TooFewReplies, match="3 clients dropped out after sharing keys; node 1[34] has 2 surviving share holders, threshold 3"):
+    with pytest.raises(TooFewReplies, match="3 clients dropped out after sharing keys; node 1[34] has 2 surviving share holders, threshold 4"):
         secure_and_plain("analytic", 5, 3, SecAggSettings(True), two_leave)
     with pytest.raises(TooFewReplies, match="secagg.max_dropouts=0"):
         secure_and_plain("analytic", 5, 3, SecAggSettings(True, max_dropouts=0), lambda n, s, r: None if (n, s) == (12, "collect") else r)
@@ -312,20 +314,26 @@ def test_replayed_or_inconsistent_messages_are_refused():
         respond(unmask[10], people.states[10], 10, lambda _: None)
     with pytest.raises(ProtocolError, match="without a round in progress"):
         respond(collect[10], people.states[10], 10, lambda _: None)
-    # a server asking for both secrets of a client (its seed as a survivor, its key as dropped) gets neither
+    # a server relaying signatures of another survivor set than the one a client signed gets nothing from it
     honest = Clients(dict(people.replies))
 
-    def greedy(contents, kind):
+    def other_set(contents, kind):
         for content in contents.values():
             record = content.config_records[RECORD]
-            if record["stage"] == "unmask":
-                record["dropped"] = [*record["dropped"], record["survivors"][-1]]
+            if record["stage"] == "consistency":
+                record["survivors"] = [*record["survivors"], "99"]
+                break  # one client is told a set with a client that never was
         return honest.post(contents, kind)
 
     strategy = micro_strategy("analytic")
+    with pytest.raises(TooFewReplies, match="secagg stage consistency: 2 valid answers, 3 needed"):
+        secure_sender(other_set, strategy, SecAggSettings(True), LIMITS, 3)(strategy.configure_round(0, 0), 0, 0, sorted(people.replies))
+    strategy, honest = micro_strategy("analytic"), Clients(dict(people.replies))
     with pytest.raises(TooFewReplies, match="secagg stage unmask: 0 valid answers"):
-        secure_sender(greedy, strategy, SecAggSettings(True), LIMITS, 1)(strategy.configure_round(0, 0), 0, 0, sorted(people.replies))
-    assert len(honest.refusals) == 3 and all("both a survivor and dropped" in r for r in honest.refusals)
+        secure_sender(other_set, strategy, SecAggSettings(True), LIMITS, 1)(strategy.configure_round(0, 0), 0, 0, sorted(people.replies))
+    # the server drops the client whose signature is of another set; the other two then lack its signature
+    assert len(honest.refusals) == 2 and all("2 of this client's share holders signed the survivor set it signed, fewer than "
+                                             "the threshold 3" in r for r in honest.refusals)
 
 
 def test_a_secagg_plus_ring_gives_the_same_sum_and_is_symmetric():
@@ -335,7 +343,7 @@ def test_a_secagg_plus_ring_gives_the_same_sum_and_is_symmetric():
         n: [m for m in range(4) if m != n] for n in range(4)}
     _, _, _, updates, result, _ = secure_and_plain("analytic", 7, 8, SecAggSettings(True, num_neighbours=2, threshold=0.6))
     torch.testing.assert_close(result.updates[0].tensors["G"], sum_updates(updates, ["G"])["G"], rtol=1e-9, atol=1e-6)
-    assert threshold_of(3, 0.6) == 2 and threshold_of(4, 0.51) == 3 and threshold_of(5, 1.0) == 5
+    assert threshold_of(3, 0.6) == 3 and threshold_of(4, 0.51) == 3 and threshold_of(5, 0.6) == 4 and threshold_of(11, 0.6) == 7
 
 
 def test_shares_rebuild_keys_and_masks_cancel():
@@ -370,6 +378,7 @@ def test_methods_that_need_each_clients_factors_refuse_secagg(overrides, message
         (["num_clients=1"], "a sum of one reply is that reply"),
         (["secagg.num_neighbours=3"], "secagg.num_neighbours=3 is odd"),
         (["secagg.threshold=0.5"], "secagg.threshold=0.5 is out of range"),
+        (["num_clients=50", "secagg.num_neighbours=10"], r"secagg.threshold=0.6 with a ring \(secagg.num_neighbours=10\); allowed: at least 2/3"),
         (["secagg.modulus_bits=16"], "unknown secagg.modulus_bits 16; valid choices: 32, 64"),
     ],
 )
@@ -392,7 +401,7 @@ def test_kind_of_messages_is_kept():
         return people.post(contents, kind)
 
     result = secure_sender(post, strategy, SecAggSettings(True), LIMITS, 1)(plan, 0, 0, [1, 2])
-    assert kinds == [MessageType.EVALUATE] * 4
+    assert kinds == [MessageType.EVALUATE] * 5
     assert result.updates[0].tensors["eval.correct"].tolist() == [6.0] and result.updates[0].tensors["eval.count"].tolist() == [14.0]
 
 
@@ -466,3 +475,135 @@ def test_up_to_the_tolerated_number_of_tampered_shares_anywhere_are_outvoted(hol
     assert tolerated >= min(1, holders - threshold)
     tampered = data.draw(st.sets(st.integers(0, holders - 1), max_size=tolerated))
     assert rebuilt_despite(tampered, holders, threshold, secret_bytes=15)
+
+
+def most_matched(demand: dict[int, int], candidates: dict[int, list[int]], capacity: int) -> dict[int, set[int]]:
+    """Per candidate, the demands it serves: each demand ``d`` served by ``demand[d]`` of ``candidates[d]``,
+    each candidate serving at most ``capacity``; a maximum flow (augmenting paths), as much as can be served."""
+    served: dict[int, set[int]] = {}
+    for need, count in demand.items():
+        for _ in range(count):
+            parents, frontier, found = {("d", need): None}, [("d", need)], None
+            while frontier and found is None:  # breadth-first: demand -> candidate (not serving it) -> a demand it serves ...
+                step = []
+                for kind, at in frontier:
+                    nexts = [("c", c) for c in candidates[at] if at not in served.get(c, set())] if kind == "d" else \
+                        [("d", d) for d in served.get(at, set())]
+                    for nxt in nexts:
+                        if nxt not in parents:
+                            parents[nxt] = (kind, at)
+                            if nxt[0] == "c" and len(served.get(nxt[1], set())) < capacity:
+                                found = nxt
+                            step.append(nxt)
+                frontier = step
+            if found is None:
+                continue
+            node = found
+            while parents[node] is not None:  # flip the path: candidates take the demand before them, give the one after
+                parent = parents[node]
+                if node[0] == "c":
+                    served.setdefault(node[1], set()).add(parent[1])
+                else:
+                    served[parent[1]].discard(node[1])
+                node = parent
+    return served
+
+
+def lie_about_dropouts(share: float) -> tuple[np.ndarray | None, np.ndarray, set[int], dict[int, str]]:
+    """Finding: the server tells ``t`` holders of each neighbour ``Y`` of a target ``X`` that ``Y``
+    dropped (so they send ``Y``'s mask-key shares) and ``X``'s holders that ``X`` survived (its
+    seed shares), and strips ``X``'s masks. 50 clients, a ring of 10 neighbours; the real client
+    code answers. Returns what the server recovered of ``X``'s encoded vector (None: not enough
+    shares), the vector itself, the clients told a lie, and the clients' refusals to unmask."""
+    rng = np.random.default_rng(23)
+    nodes, session, degree = list(range(50)), os.urandom(16), 10
+    neighbours = neighbourhoods(nodes, degree, session)
+    threshold = threshold_of(degree + 1, share)
+    plain = {n: encode_reply({"x": torch.tensor(rng.standard_normal(8), dtype=torch.float32)}, 1, 0.0) for n in nodes}
+    states = {n: RecordDict() for n in nodes}
+    refusals: dict[tuple[int, str], str] = {}
+
+    def ask(node: int, stage: str, **fields) -> RecordDict | None:
+        content = RecordDict({RECORD: ConfigRecord({"stage": stage, "session": session, **fields})})
+        content["config"] = ConfigRecord({"task": 0, "round": 0, "train-groups": []})
+        try:
+            reply = respond(content, states[node], node, lambda _: plain[node])
+        except ProtocolError as exc:
+            refusals[node, stage] = str(exc)
+            return None
+        return reply
+
+    keys = {n: ask(n, "setup", bits=64, weighted=False).config_records[RECORD] for n in nodes}
+    exponents = [max(keys[n]["exponents"][i] for n in nodes) for i in range(3)]
+    shares = {}
+    for n in nodes:
+        others = neighbours[n]
+        record = ask(n, "share-keys", neighbours=[str(m) for m in others], threshold=threshold, exponents=exponents, clients=50,
+                     **{f"{kind}s": [keys[m][kind] for m in others] for kind in keys[n] if kind.endswith("-key")})
+        shares[n] = dict(zip(others, record.config_records[RECORD]["shares"]))
+    masked = {n: ask(n, "collect", sources=[str(m) for m in neighbours[n]], shares=[shares[m][n] for m in neighbours[n]])
+              for n in nodes}
+    # the lie: holders told that a neighbour of the target dropped, at most k - t each (else they refuse)
+    target = nodes[0]
+    told = most_matched({y: threshold for y in neighbours[target]}, {y: neighbours[y] for y in neighbours[target]},
+                        degree + 1 - threshold)
+    signatures = {}
+    for n in nodes:  # the consistency round, where clients have it: each signs the set it is told
+        reply = ask(n, "consistency", survivors=[str(m) for m in nodes if m not in told.get(n, set())])
+        if reply is not None:
+            signatures[n] = reply.config_records[RECORD]["signature"]
+    answers = {}
+    for n in nodes:
+        holders = [n, *neighbours[n]]
+        reply = ask(n, "unmask", survivors=[str(m) for m in holders if m not in told.get(n, set())],
+                    dropped=[str(m) for m in told.get(n, set())],
+                    signers=[str(m) for m in holders if m in signatures], signatures=[signatures[m] for m in holders if m in signatures])
+        if reply is not None:
+            answers[n] = reply.config_records[RECORD]
+    seed_shares = [a["seed-shares"][list(map(int, a["seed-owners"])).index(target)] for a in answers.values()
+                   if str(target) in a["seed-owners"]]
+    key_shares = {y: [a["key-shares"][list(map(int, a["key-owners"])).index(y)] for a in answers.values() if str(y) in a["key-owners"]]
+                  for y in neighbours[target]}
+    encoding = FixedPoint(64, 50, tuple(exponents), (8, 1, 1))
+    _, _, vector = reply_vector(plain[target], False)
+    refused = {n: r for (n, stage), r in refusals.items() if stage == "unmask"}
+    if len(seed_shares) < threshold or any(len(s) < threshold for s in key_shares.values()):
+        return None, encoding.encode(vector), set(told), refused
+    total = masked[target].array_records[VECTOR]["values"].numpy() - masks.mask(masks.rebuild_secret(seed_shares), session, 10, 64)
+    for y, key in key_shares.items():
+        private = masks.private_from_scalar(masks.rebuild_secret(key))
+        pairwise = masks.mask(masks.shared_secret(private, keys[target]["mask-key"]), session, 10, 64)
+        total = total - pairwise if pairwise_sign(target, y) > 0 else total + pairwise
+    return total, encoding.encode(vector), set(told), refused
+
+
+def test_a_server_lying_about_dropouts_in_a_ring_recovers_nothing():
+    """50 clients, 10 neighbours, threshold 0.6 (7 of 11): before the consistency round the server
+    recovered the target's encoded vector exactly, with no client refusing."""
+    recovered, vector, told, refusals = lie_about_dropouts(0.6)
+    assert recovered is None, "the server recovered the target's vector" + " exactly" * np.array_equal(recovered, vector)
+    assert told <= set(refusals) and all("signed the survivor set it signed" in r for r in refusals.values())
+
+
+def test_clients_refuse_a_threshold_of_half_their_holders_plus_one_half():
+    """With t <= (k + 1) / 2, a server could tell X and t - 1 holders that X survived (its seed) and X
+    that its other k - t neighbours did not share keys, whose keys those same t holders would reveal."""
+    replies = {n: encode_reply({"x": torch.ones(3)}, 1, 0.0) for n in range(5)}
+    people = Clients(replies)
+
+    def low_threshold(contents, kind):
+        for content in contents.values():
+            if content.config_records[RECORD]["stage"] == "share-keys":
+                content.config_records[RECORD]["threshold"] = 3
+        return people.post(contents, kind)
+
+    class One:
+        secure_sum = "sum"
+
+        def expected_reply(self, plan, task):
+            return {"x": (3,)}
+
+    with pytest.raises(TooFewReplies, match="secagg stage share-keys: 0 valid answers"):
+        secure_sender(low_threshold, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
+    assert len(people.refusals) == 5 and all("threshold 3 for 5 share holders; allowed: more than (holders + 1) / 2" in r
+                                             for r in people.refusals)

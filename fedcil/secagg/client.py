@@ -1,15 +1,20 @@
-"""A client's side of a secure-aggregation round: four stages, each a request and a reply.
+"""A client's side of a secure-aggregation round: five stages, each a request and a reply.
 
 1. ``setup``: the request is an ordinary round request; the client answers it (trains),
-   keeps its reply as a vector, and sends only two fresh public keys, a commitment to a
-   fresh self-mask seed, its reply's layout and the range exponent of each segment.
+   keeps its reply as a vector, and sends only three fresh public keys (to encrypt shares,
+   to agree on masks, to verify its signatures), a commitment to a fresh self-mask seed,
+   its reply's layout and the range exponent of each segment.
 2. ``share-keys``: given its neighbours' public keys, it Shamir-shares its seed and its
    mask private key (its secret scalar) among itself and its neighbours, and sends each share encrypted for
    its holder.
 3. ``collect``: given the shares its neighbours sent it, it sends its encoded vector plus
    the self-mask and one pairwise mask per neighbour that shared keys.
-4. ``unmask``: given who sent a vector and who dropped out, it sends the seed shares of
-   the first and the mask-key shares of the second, never both for one client.
+4. ``consistency``: given the set of clients that sent a vector (the survivors), it signs
+   that set, once per round.
+5. ``unmask``: given its share holders' signatures, it checks that at least ``t`` of them
+   (itself included) signed the set it signed, then sends the seed shares of its surviving
+   neighbours and itself and the mask-key shares of the neighbours missing from the set:
+   never both for one client, and only as that one set says.
 
 State between stages lives in a :class:`~flwr.app.RecordDict` (Flower's ``context.state``);
 a request for a stage out of order, for another round, or that would reveal both secrets
@@ -31,7 +36,7 @@ from fedcil.secagg.encoding import FixedPoint, range_exponent
 RECORD = "secagg"  # the ConfigRecord of every secure-aggregation request and reply
 VECTOR = "secagg-vector"  # the ArrayRecord a client keeps its vector in, and sends it masked in
 SET_UP = "secagg-set-up"  # the ConfigRecord of the exchanges this client has set up in this run
-STAGES = ("setup", "share-keys", "collect", "unmask")
+STAGES = ("setup", "share-keys", "collect", "consistency", "unmask")
 COUNT, LOSS = "#num-examples", "#loss-sum"  # the last two segments of every vector
 
 
@@ -101,17 +106,19 @@ def setup(request: ConfigRecord, answer: RecordDict, node: int, state: RecordDic
     names, sizes, vector = reply_vector(answer, bool(request["weighted"]))
     encryption_private, encryption_public = masks.new_key_pair()
     mask_private, mask_public = masks.new_key_pair()
+    signing_private, signing_public = masks.new_key_pair()
     seed = masks.new_seed()
     bounds = np.cumsum([0, *sizes])
     exponents = [range_exponent(vector[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
     state.config_records[RECORD] = ConfigRecord({
         "stage": "setup", "session": request["session"], "node": str(node), "bits": int(request["bits"]),
-        "encryption-private": encryption_private, "mask-private": mask_private, "seed": seed, "exponents": exponents,
+        "encryption-private": encryption_private, "mask-private": mask_private, "signing-private": signing_private,
+        "seed": seed, "exponents": exponents,
         "sizes": sizes,
     })
     state.array_records[VECTOR] = ArrayRecord({"values": Array(vector)})
     return RecordDict({RECORD: _reply(
-        request, **{"encryption-key": encryption_public, "mask-key": mask_public,
+        request, **{"encryption-key": encryption_public, "mask-key": mask_public, "signing-key": signing_public,
                     "seed-commitment": masks.commitment(seed), "names": names, "sizes": sizes, "exponents": exponents},
     )})
 
@@ -124,8 +131,11 @@ def share_keys(request: ConfigRecord, state: RecordDict) -> RecordDict:
     threshold, holders = int(request["threshold"]), len(neighbours) + 1
     if node in neighbours or len(set(neighbours)) != len(neighbours):
         raise ProtocolError("secagg neighbours repeat a node or include this client")
-    if not holders / 2 < threshold <= holders:
-        raise ProtocolError(f"secagg threshold {threshold} for {holders} share holders; allowed: more than half, at most all")
+    if not (holders + 1) / 2 < threshold <= holders:
+        raise ProtocolError(f"secagg threshold {threshold} for {holders} share holders; allowed: more than (holders + 1) / 2, "
+                            "at most all")
+    if len(request["signing-keys"]) != len(neighbours):
+        raise ProtocolError("secagg signing keys are not one per neighbour")
     exponents = [int(e) for e in request["exponents"]]
     if len(exponents) != len(record["exponents"]) or any(e < own for e, own in zip(exponents, record["exponents"])):
         raise ProtocolError("secagg exponents do not cover this client's ranges")
@@ -137,7 +147,8 @@ def share_keys(request: ConfigRecord, state: RecordDict) -> RecordDict:
         ciphertexts.append(masks.seal_shares(key, node, other, seed_shares[index], key_shares[index]))
     record.update({
         "stage": "share-keys", "neighbours": [str(n) for n in neighbours], "encryption-keys": list(request["encryption-keys"]),
-        "mask-keys": list(request["mask-keys"]), "threshold": threshold, "exponents": exponents,
+        "mask-keys": list(request["mask-keys"]), "signing-keys": list(request["signing-keys"]), "threshold": threshold,
+        "exponents": exponents,
         "clients": int(request["clients"]), "own-seed-share": seed_shares[-1], "own-key-share": key_shares[-1],
     })
     return RecordDict({RECORD: _reply(request, destinations=[str(n) for n in neighbours], shares=ciphertexts)})
@@ -176,21 +187,41 @@ def collect(request: ConfigRecord, state: RecordDict) -> RecordDict:
     return RecordDict({RECORD: _reply(request), VECTOR: ArrayRecord({"values": Array(masked)})})
 
 
-def unmask(request: ConfigRecord, state: RecordDict) -> RecordDict:
-    """Stage 4: seed shares of the clients that sent a vector, key shares of those that dropped."""
-    record = _state(state, request, "unmask")
+def consistency(request: ConfigRecord, state: RecordDict) -> RecordDict:
+    """Stage 4: sign the survivor set the server sends (this client must be in it)."""
+    record = _state(state, request, "consistency")
     node = int(record["node"])
-    survivors, dropped = {int(n) for n in request["survivors"]}, {int(n) for n in request["dropped"]}
+    survivors = sorted({int(n) for n in request["survivors"]})
+    if node not in survivors or len(survivors) != len(request["survivors"]):
+        raise ProtocolError("secagg survivor set without this client, or with a client twice")
+    record.update({"stage": "consistency", "survivors": [str(n) for n in survivors]})
+    signature = masks.sign(record["signing-private"], masks.survivors_message(record["session"], survivors))
+    return RecordDict({RECORD: _reply(request, signature=signature)})
+
+
+def unmask(request: ConfigRecord, state: RecordDict) -> RecordDict:
+    """Stage 5: once ``t`` share holders signed this client's survivor set, seed shares of the
+    survivors among them and key shares of the neighbours missing from the set."""
+    record = _state(state, request, "unmask")
+    node, threshold = int(record["node"]), int(record["threshold"])
+    survivors = [int(n) for n in record["survivors"]]
+    neighbours, sources = [int(n) for n in record["neighbours"]], [int(n) for n in record["sources"]]
+    holders = {node, *(set(sources) & set(survivors))}
+    message = masks.survivors_message(record["session"], survivors)
+    signers, signatures = [int(n) for n in request["signers"]], list(request["signatures"])
+    if len(signers) != len(signatures):
+        raise ProtocolError("secagg: signers and signatures differ in number")
+    signed = {node} | {
+        signer for signer, signature in zip(signers, signatures)
+        if signer in holders - {node} and masks.verifies(record["signing-keys"][neighbours.index(signer)], message, signature)
+    }
+    if len(signed) < threshold:
+        raise ProtocolError(f"secagg: {len(signed)} of this client's share holders signed the survivor set it signed, "
+                            f"fewer than the threshold {threshold} (a server telling clients different sets could learn a vector)")
     held = {int(s): (record["held"][2 * i], record["held"][2 * i + 1]) for i, s in enumerate(record["sources"])}
     held[node] = (record["own-seed-share"], record["own-key-share"])
-    if survivors & dropped:
-        raise ProtocolError("secagg: a client is both a survivor and dropped (that would reveal its vector)")
-    if node not in survivors or not (survivors | dropped) <= set(held):
-        raise ProtocolError("secagg: survivors or dropped clients this client holds no shares of")
-    if len(survivors) < int(record["threshold"]):
-        raise ProtocolError(f"secagg: {len(survivors)} survivors among this client's neighbours, fewer than the threshold")
     del state.config_records[RECORD]  # one unmasking per round: a replay finds no round in progress
-    seed_owners, key_owners = sorted(survivors), sorted(dropped)
+    seed_owners, key_owners = sorted(holders), sorted(set(sources) - set(survivors))
     return RecordDict({RECORD: _reply(
         request, **{"seed-owners": [str(n) for n in seed_owners], "seed-shares": [held[n][0] for n in seed_owners],
                     "key-owners": [str(n) for n in key_owners], "key-shares": [held[n][1] for n in key_owners]},
@@ -210,6 +241,8 @@ def respond(content: RecordDict, state: RecordDict, node: int, answer: Callable[
         return share_keys(request, state)
     if stage == "collect":
         return collect(request, state)
+    if stage == "consistency":
+        return consistency(request, state)
     if stage == "unmask":
         return unmask(request, state)
     raise ProtocolError(f"unknown secagg stage {stage!r}; valid choices: {', '.join(STAGES)}")

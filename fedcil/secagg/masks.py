@@ -24,6 +24,8 @@ from flwr.supercore.primitives.asymmetric import (
     generate_key_pairs,
     private_key_to_bytes,
     public_key_to_bytes,
+    sign_message,
+    verify_signature,
 )
 
 from fedcil.secagg.encoding import UNSIGNED
@@ -73,6 +75,24 @@ def new_seed() -> bytes:
 def commitment(secret: bytes) -> bytes:
     """What a client publishes of its self-mask seed, so that a rebuilt seed can be checked."""
     return hashlib.sha256(b"fedcil-secagg-seed" + secret).digest()
+
+
+def survivors_message(session: bytes, survivors: list[int]) -> bytes:
+    """What a client signs to say that ``survivors`` (sorted) sent a vector in round ``session``."""
+    return b"fedcil-secagg-survivors" + session + ",".join(map(str, sorted(survivors))).encode()
+
+
+def sign(private: bytes, message: bytes) -> bytes:
+    """An ECDSA (SHA-256) signature of ``message`` with a serialised private key."""
+    return sign_message(bytes_to_private_key(private), message)
+
+
+def verifies(public: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is the serialised public key's signature of ``message`` (False on malformed input)."""
+    try:
+        return verify_signature(bytes_to_public_key(public), message, signature)
+    except Exception:  # a malformed key or signature
+        return False
 
 
 def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:

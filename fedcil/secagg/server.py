@@ -34,7 +34,8 @@ class SecAggSettings:
     num_neighbours : share keys and masks with this many other clients (an even number: a
         ring, SecAgg+); None: with every other client of the round (SecAgg).
     threshold : share of a client's share holders (its neighbours and itself) whose shares
-        rebuild its secrets; above one half, so that no set of replies yields both.
+        rebuild its secrets; above one half, so that no set of replies yields both (and
+        :func:`threshold_of` needs more than ``(holders + 1) / 2`` of them).
     max_dropouts : most clients that may drop out of a round after sharing keys (None: as
         many as the threshold allows); a round with more stops the run.
     modulus_bits : 32 or 64: the size of every encoded entry (precision against bytes).
@@ -98,8 +99,10 @@ def neighbourhoods(nodes: Sequence[int], degree: int | None, session: bytes) -> 
 
 
 def threshold_of(holders: int, share: float) -> int:
-    """Shares needed to rebuild a secret split among ``holders``: ``ceil(share * holders)``, more than half."""
-    return min(holders, max(holders // 2 + 1, math.ceil(share * holders)))
+    """Shares needed to rebuild a secret split among ``holders``: ``ceil(share * holders)``, and more
+    than ``(holders + 1) / 2``: below that, a server could tell one set of ``t`` holders that a client
+    survived and get its seed, and tell it that its other neighbours did not share keys."""
+    return min(holders, max((holders + 1) // 2 + 1, math.ceil(share * holders)))
 
 
 def _blocks(count: int, threshold: int, left_out: int) -> list[range]:

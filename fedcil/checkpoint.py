@@ -3,9 +3,11 @@
 A checkpoint lives in the run's output folder as two files: ``checkpoint-<n>.safetensors``
 (the strategy's tensors: adapters, head, residual bases, Gram sums) and ``checkpoint.json``
 (the last finished task and round, the accuracy matrix and per-round records so far, the
-server's random state, the strategy's other values, the config, and the tensors file's
-name). The tensors file is written first and ``checkpoint.json`` replaced atomically last,
-so a run killed at any moment leaves its previous complete checkpoint. Nothing is pickled.
+server's random state (``null`` when ``dp.secret_sampling`` draws each round's clients from
+the OS CSPRNG: no state to keep, none to leak the samples), the strategy's other values,
+the config, and the tensors file's name). The tensors file is written first and
+``checkpoint.json`` replaced atomically last, so a run killed at any moment leaves its
+previous complete checkpoint. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Checkpoint:
     accuracy_matrix: list[list[float | None]]
     counts: list[int]
     rounds: list[dict]
-    rng_state: dict
+    rng_state: dict | None
     values: dict
     config: dict
     tensors_file: str = ""

@@ -56,9 +56,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def privacy_spent(rounds: list[dict]) -> dict[str, float]:
-    """A differentially private run's ``epsilon`` and ``delta``: its last round's (nothing for other runs)."""
-    return {key: rounds[-1][key] for key in ("epsilon", "delta") if rounds and key in rounds[-1]}
+def privacy_spent(rounds: list[dict], privacy: dict | None = None) -> dict[str, Any]:
+    """A differentially private run's ``epsilon`` and ``delta`` (its last round's) and, next to them, ``dp``:
+    the noise's source, reproducibility and the amplification credited (nothing for other runs)."""
+    spent = {key: rounds[-1][key] for key in ("epsilon", "delta") if rounds and key in rounds[-1]}
+    return spent | ({"dp": privacy} if privacy else {})
 
 
 def build_results(
@@ -69,8 +71,9 @@ def build_results(
     wall_seconds: float,
     started_at: float,
     setup_seconds: float,
+    privacy: dict | None = None,
 ) -> dict[str, Any]:
-    """The results.json content of one run (every method, federated or not)."""
+    """The results.json content of one run (every method, federated or not); ``privacy``: a DP run's ``dp``."""
     from fedcil.config import to_container
     from fedcil.metrics import summary
 
@@ -83,7 +86,7 @@ def build_results(
         **summary(accuracy_matrix, counts),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
-        **privacy_spent(rounds),
+        **privacy_spent(rounds, privacy),
         "rounds": rounds,
         "wall_seconds": wall_seconds,
         "started_at": started_at,
@@ -101,17 +104,19 @@ def finish_run(
     timing: tuple[float, float, float],
     log: Callable[[str], None],
     diagnostics: dict | None = None,
+    privacy: dict | None = None,
 ) -> dict[str, Any]:
     """The end of every run (federated or ``joint``): build the record, write the files, print the table.
 
     ``timing`` is ``(started, started_at, setup_seconds)``: ``time.monotonic()`` and
     ``time.time()`` at the start, and the seconds before the first round. ``diagnostics``
-    (per-task accuracies of other views of the final model) go into ``results.json``.
+    (per-task accuracies of other views of the final model) go into ``results.json``, and so does
+    ``privacy`` (a DP run's ``dp``: :meth:`server_app.privacy.CentralPrivacy.summary`).
     """
     from fedcil.metrics import summary
 
     started, started_at, setup_seconds = timing
-    results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds)
+    results = build_results(cfg, accuracy_matrix, counts, rounds, time.monotonic() - started, started_at, setup_seconds, privacy)
     results["diagnostics"] = diagnostics or {}
     write_results(output_dir, results)
     log(f"accuracy (%) per task:\n{format_accuracy_table(accuracy_matrix, summary(accuracy_matrix, counts))}")

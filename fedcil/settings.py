@@ -33,6 +33,7 @@ CHOICES = {
     "secagg.enabled": (True, False),
     "secagg.modulus_bits": (32, 64),
     "dp.enabled": (True, False),
+    "dp.secret_sampling": (True, False),
 }
 
 

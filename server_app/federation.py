@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,9 +92,16 @@ def sample_size(fraction: float, population: int) -> int:
     return max(1, int(round(fraction * population)))
 
 
-def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Generator) -> list[int]:
-    """:func:`sample_size` distinct nodes, drawn without replacement, in sorted order."""
-    picks = rng.choice(len(node_ids), size=sample_size(fraction, len(node_ids)), replace=False)  # positions: ids are uint64
+def sample_nodes(node_ids: Sequence[int], fraction: float, rng: np.random.Generator | None) -> list[int]:
+    """:func:`sample_size` distinct nodes, drawn without replacement, in sorted order.
+
+    From ``rng`` (seeded: the run can be replayed), or with ``None`` from the operating
+    system's CSPRNG (``secrets.SystemRandom``): a secret sample, as ``dp.secret_sampling`` needs.
+    """
+    size = sample_size(fraction, len(node_ids))
+    if rng is None:
+        return sorted(secrets.SystemRandom().sample(list(node_ids), size))
+    picks = rng.choice(len(node_ids), size=size, replace=False)  # positions: ids are uint64
     return sorted(node_ids[int(i)] for i in picks)
 
 

@@ -109,9 +109,10 @@ def server_model(cfg: DictConfig) -> tuple[FCILModel, TaskSplit, Experiment | No
 
 def train_round(
     send: Send, cfg: DictConfig, strategy: FederatedStrategy, nodes: list[int],
-    rng: np.random.Generator, task: int, round_in_task: int, privacy: CentralPrivacy = CentralPrivacy(),
+    rng: np.random.Generator | None, task: int, round_in_task: int, privacy: CentralPrivacy = CentralPrivacy(),
 ) -> RoundExchange:
-    """Sample clients, send the strategy's plan, merge the valid replies (noised with ``dp``); the exchange.
+    """Sample clients (from ``rng``, or in secret with ``None``), send the strategy's plan, merge the valid
+    replies (noised with ``dp``); the exchange.
 
     After a task's last round, the strategy's statistics request (if any) goes to every
     node and its replies go to ``strategy.end_task``; its bytes count in this round.
@@ -120,7 +121,7 @@ def train_round(
     training = strategy.configure_round(task, round_in_task)
     result = send(training, task, round_in_task, sampled)
     strategy.aggregate_round(task, round_in_task, result.updates)
-    strategy.state.update(privacy.noise(strategy.state, training.train_groups, result.updates, task, round_in_task))
+    strategy.state.update(privacy.noise(strategy.state, training.train_groups, result.updates))
     if round_in_task == cfg.rounds_per_task - 1:
         plan = strategy.task_end_plan(task)
         statistics = send(plan, task, round_in_task, nodes) if plan else None
@@ -196,16 +197,24 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
     return send_and_check
 
 
-def round_record(task: int, round_in_task: int, result: RoundExchange, accuracy: float | None, seconds: float) -> dict:
-    """One round's entry of ``results.json`` (``rounds``)."""
+def round_record(task: int, round_in_task: int, result: RoundExchange, accuracy: float | None, seconds: float,
+                 privacy: CentralPrivacy = CentralPrivacy()) -> dict:
+    """One round's entry of ``results.json`` (``rounds``).
+
+    With ``dp`` the clients' mean training loss (not noised) is withheld (``null``); with a secret
+    sample (``dp.secret_sampling``) so are the nodes that failed or were capped: only their counts.
+    """
     updates = result.updates
-    return {
-        "task": task, "round": round_in_task, "clients": sum(u.clients for u in updates),
-        "loss": float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates])),
-        "accuracy": accuracy, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
-        "seconds": seconds, "missing": sorted(result.failed),
+    loss = float(np.average([u.loss for u in updates], weights=[u.num_examples for u in updates]))
+    nodes = ({"withheld_nodes": {"failed": len(result.failed), "capped": len(result.capped)}} if privacy.hides_sample else {
+        "missing": sorted(result.failed),
         "failures": {str(node): reason for node, reason in sorted(result.failed.items())},
         "capped": {str(node): note for node, note in sorted(result.capped.items())},
+    })
+    return {
+        "task": task, "round": round_in_task, "clients": sum(u.clients for u in updates),
+        "loss": None if privacy.enabled else loss, "accuracy": accuracy,
+        "bytes_up": result.bytes_up, "bytes_down": result.bytes_down, "seconds": seconds, **nodes,
     }
 
 
@@ -242,7 +251,7 @@ def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | N
     privacy = CentralPrivacy.from_config(cfg)
     send = checked_sender(post, cfg, strategy)
     evaluator = ClientEvaluator(send, nodes) if experiment is None else ServerEvaluator(cfg, experiment, model)
-    rng = np.random.default_rng(cfg.seed)
+    rng = None if privacy.hides_sample else np.random.default_rng(cfg.seed)  # None: sampled in secret
     num_tasks, rounds_per_task = split.num_tasks, cfg.rounds_per_task
     every_round = evaluates_every_round(cfg)
     accuracy_matrix: list[list[float | None]] = []
@@ -252,7 +261,8 @@ def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | N
     if cfg.resume:
         checkpoint, tensors = load_checkpoint(Path(cfg.resume), to_container(cfg))
         strategy.restore(tensors, checkpoint.values)
-        rng.bit_generator.state = checkpoint.rng_state
+        if rng is not None:
+            rng.bit_generator.state = checkpoint.rng_state
         accuracy_matrix, rounds, counts = checkpoint.accuracy_matrix, checkpoint.rounds, checkpoint.counts
         first_task, first_round = checkpoint.next_position(rounds_per_task)
         log(INFO, "resuming %s after task %d round %d", cfg.resume, checkpoint.task + 1, checkpoint.round_in_task + 1)
@@ -278,19 +288,22 @@ def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | N
                 result.bytes_down += evaluation.bytes_down
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
-            record = round_record(task, round_in_task, result, accuracy, time.monotonic() - round_start)
+            record = round_record(task, round_in_task, result, accuracy, time.monotonic() - round_start, privacy)
             rounds.append(record | privacy.record(len(rounds) + 1))
             if cfg.checkpoint:
                 tensors, values = strategy.checkpoint()
                 save_checkpoint(output_dir, Checkpoint(
-                    task, round_in_task, accuracy_matrix, counts, rounds, rng.bit_generator.state, values, to_container(cfg),
+                    task, round_in_task, accuracy_matrix, counts, rounds, None if rng is None else rng.bit_generator.state,
+                    values, to_container(cfg),
                 ), tensors)
             remaining = num_tasks * rounds_per_task - len(rounds)
             eta = (time.monotonic() - started) / (len(rounds) - restored) * remaining
-            log(INFO, "[task %d/%d round %d/%d] loss %.4f  acc(seen) %s  clients %d  %.1fs  ETA %ds",
-                task + 1, num_tasks, round_in_task + 1, rounds_per_task, rounds[-1]["loss"],
+            log(INFO, "[task %d/%d round %d/%d] loss %s  acc(seen) %s  clients %d  %.1fs  ETA %ds",
+                task + 1, num_tasks, round_in_task + 1, rounds_per_task,
+                "-" if rounds[-1]["loss"] is None else f"{rounds[-1]['loss']:.4f}",
                 "-" if accuracy is None else f"{accuracy:.2f}%", rounds[-1]["clients"], rounds[-1]["seconds"], eta)
 
     diagnostics = evaluator.diagnose(strategy, num_tasks - 1) if isinstance(evaluator, ServerEvaluator) else {}
     timing = (started, started_at, setup_seconds)
-    return finish_run(cfg, output_dir, accuracy_matrix, counts, rounds, timing, lambda message: log(INFO, "%s", message), diagnostics)
+    return finish_run(cfg, output_dir, accuracy_matrix, counts, rounds, timing, lambda message: log(INFO, "%s", message),
+                      diagnostics, privacy.summary(len(rounds)))

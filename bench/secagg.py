@@ -5,14 +5,15 @@
 
 For each method, one round's replies (random tensors of the shapes the strategy expects at
 ViT-B/16 scale: 48 adapted layers, CIFAR-100's head) are exchanged once plainly and once
-through the four stages of secure aggregation, with the real client code answering each
+through the five stages of secure aggregation, with the real client code answering each
 node's requests in this process. Scenarios: 10 clients, 50 clients (every client masks
-with every other), 50 clients in a SecAgg+ ring of 10 neighbours, and 50 clients of which
+with every other), 50 clients in a SecAgg+ ring of 10 neighbours (threshold 2/3, the
+least a ring allows), and 50 clients of which
 2 drop out after sharing keys. Printed and written to ``bench/results/secagg-<time>.json``:
 
 - bytes up and down per client per round: protobuf sizes of every record sent;
 - client seconds: the mean over clients of the time spent in the protocol (key agreement,
-  shares, encoding, masks), not counting local training, which is the same either way;
+  shares, encoding, masks, signatures), not counting local training, which is the same either way;
 - server seconds: the rest of the round (checks, unmasking, decoding, the merge), without
   the time spent here counting bytes.
 
@@ -47,7 +48,7 @@ LIMITS = ReplyLimits(max_examples=10_000_000, max_norm=1e13)
 SCENARIOS = {  # name: (clients, secure-aggregation settings, clients dropping after sharing keys)
     "10 clients": (10, SecAggSettings(True), 0),
     "50 clients": (50, SecAggSettings(True), 0),
-    "50, ring of 10": (50, SecAggSettings(True, num_neighbours=10), 0),
+    "50, ring of 10": (50, SecAggSettings(True, num_neighbours=10, threshold=2 / 3), 0),
     "50, 2 drop out": (50, SecAggSettings(True), 2),
 }
 
@@ -79,7 +80,7 @@ class TimedClients:
         result = RoundExchange(replies=[], bytes_up=0, bytes_down=sum(size(c) for c in contents.values()), sampled=list(contents))
         self.measuring += time.perf_counter() - start
         for node, content in contents.items():
-            if node in self.leaving and content.config_records["secagg"]["stage"] in ("collect", "unmask"):
+            if node in self.leaving and content.config_records["secagg"]["stage"] in ("collect", "consistency", "unmask"):
                 result.failed[node] = "dropped out"
                 continue
             start = time.perf_counter()

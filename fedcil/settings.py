@@ -111,6 +111,7 @@ RANGES: dict[str, Range] = {
     "replies.max_examples": at_least(1),
     "replies.max_norm": positive(),
     "replies.clip_norm": positive(nullable=True),
+    "replies.update_factor": at_least(1, float, nullable=True),
     "replies.cap_factor": at_least(1, float),
     "replies.energy_factor": Range(float, low=1, low_open=True, nullable=True),
     "replies.psd_tolerance": at_least(0, float, nullable=True),
@@ -148,7 +149,7 @@ def evaluates_every_round(cfg: DictConfig) -> bool:
 
 
 def check_secure_aggregation(cfg: DictConfig) -> None:
-    """What secure aggregation needs: no per-client clipping or weighting, at least 2 clients a round, a ring of even degree."""
+    """What secure aggregation needs: no per-client clipping, bounding or weighting, at least 2 clients a round, a ring of even degree."""
     if cfg.replies.clip_norm is not None:
         raise ConfigError("replies.clip_norm clips each client's update, which secure aggregation hides; "
                           "set replies.clip_norm=null or secagg.enabled=false")
@@ -156,6 +157,9 @@ def check_secure_aggregation(cfg: DictConfig) -> None:
         raise ConfigError(f"replies.weighting={cfg.replies.weighting} weighs each client's reply, which secure aggregation "
                           "hides; set replies.weighting=claimed or secagg.enabled=false")
     sampled = max(1, int(round(cfg.fraction_train * cfg.num_clients)))
+    if cfg.replies.update_factor is not None and cfg.method.name not in SUMS_OF_STATISTICS:
+        raise ConfigError(f"replies.update_factor={cfg.replies.update_factor:g} bounds each client's update, which secure "
+                          "aggregation hides; set replies.update_factor=null or secagg.enabled=false")
     if sampled < 2:
         raise ConfigError(f"secagg.enabled=true with {sampled} client a round (num_clients={cfg.num_clients}, "
                           f"fraction_train={cfg.fraction_train}): a sum of one reply is that reply; use at least 2")
@@ -168,7 +172,8 @@ def check_secure_aggregation(cfg: DictConfig) -> None:
 
 
 def check_differential_privacy(cfg: DictConfig) -> None:
-    """What central DP needs: an averaging method, clipped and uniformly weighted replies, no secagg, delta < 1/num_clients."""
+    """What central DP needs: an averaging method, clipped, unbounded by the median and uniformly weighted replies,
+    no secagg, delta < 1/num_clients."""
     if cfg.method.name not in DP_METHODS:
         raise ConfigError(f"dp.enabled=true with method={cfg.method.name}; allowed methods: {', '.join(DP_METHODS)}")
     if cfg.replies.clip_norm is None:
@@ -177,6 +182,9 @@ def check_differential_privacy(cfg: DictConfig) -> None:
         raise ConfigError(f"dp.enabled=true with replies.weighting={cfg.replies.weighting}; allowed: uniform "
                           "(the noise is scaled to a plain average of the replies)")
     if cfg.secagg.enabled:
+    if cfg.replies.update_factor is not None:
+        raise ConfigError(f"dp.enabled=true with replies.update_factor={cfg.replies.update_factor:g}; allowed: null "
+                          "(a bound relative to the round's median lets one client change every other client's update)")
         raise ConfigError("dp.enabled=true with secagg.enabled=true; allowed: one of them "
                           "(the server must see each update to clip it)")
     if cfg.dp.delta * cfg.num_clients >= 1:

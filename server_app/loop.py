@@ -28,6 +28,7 @@ from server_app.influence import InfluenceBounds, bound_influence
 from server_app.federation import Post, RoundExchange, Send, flower_post, sample_nodes, wait_for_federation, wait_for_nodes
 from server_app.privacy import CentralPrivacy
 from server_app.secure import secure_sender
+from server_app.update_bounds import bound_update_sizes
 from server_app.validation import InvalidReply, ReplyLimits, TooFewReplies, checked_update, clipped
 from strategies import FederatedStrategy, build_strategy
 
@@ -162,7 +163,8 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
     Invalid replies are logged with the node and the reason and recorded in ``failed``;
     with ``replies.clip_norm`` trained tensors are clipped; the influence bounds
     (:mod:`server_app.influence`) drop replies whose Grams fail their checks and cut
-    weights (recorded in ``capped``); fewer than ``min_replies``
+    weights, and the update-size bounds (:mod:`server_app.update_bounds`) cut trained
+    tensors' updates (both recorded in ``capped``); fewer than ``min_replies``
     valid replies (capped at the nodes asked) raise :class:`TooFewReplies`.
     """
     limits, bounds = ReplyLimits.from_config(cfg), InfluenceBounds.from_config(cfg)
@@ -185,6 +187,10 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
                 result.failed[node] = f"out of bounds: {reason}"
                 log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, round_in_task + 1, node, reason)
             result.updates, result.capped = bounded.updates, bounded.capped
+        if plan.returns_trained_tensors and limits.update_factor is not None:
+            result.updates, cut = bound_update_sizes(result.updates, plan.state, limits.update_factor)
+            for node, note in cut.items():
+                result.capped[node] = f"{result.capped[node]}; {note}" if node in result.capped else note
         needed = min(cfg.min_replies, len(nodes))
         if len(result.updates) < needed:
             raise TooFewReplies(

@@ -44,11 +44,12 @@ class ReplyLimits:
     max_examples: int
     max_norm: float
     clip_norm: float | None = None
+    update_factor: float | None = None  # server_app.update_bounds
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ReplyLimits:
         r = cfg.replies
-        return cls(int(r.max_examples), float(r.max_norm), optional_float(r.clip_norm))
+        return cls(int(r.max_examples), float(r.max_norm), optional_float(r.clip_norm), optional_float(r.update_factor))
 
 
 def checked_update(node_id: int, content: RecordDict, expected: Shapes, limits: ReplyLimits) -> ClientUpdate:

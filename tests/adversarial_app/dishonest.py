@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-DISHONEST = ("inflate_count", "scale_grams", "negative_gram")
+DISHONEST = ("inflate_count", "scale_grams", "negative_gram", "poison_head")
 GRAM_PAIRS = {".G": (".AG", ".WG"), ".S": (".BS",)}  # a LoRM reply's Grams and the numerators they weigh
 SCALE = 1000.0
+HEAD_PUSH = 10.0  # poison_head: added to the first class's head bias
 
 
 def numerators_of(tensors: dict[str, torch.Tensor], gram: str) -> list[str]:
@@ -23,7 +24,9 @@ def lie(content: RecordDict, attack: str, max_examples: int) -> RecordDict:
     - ``scale_grams``: every Gram times 1000 and its numerators set to a foreign factor (all
       entries 1) times that Gram: the closed-form merges follow the foreign factor;
     - ``negative_gram``: every Gram replaced by -3 times itself (not positive semi-definite),
-      numerators unchanged.
+      numerators unchanged;
+    - ``poison_head``: claims ``max_examples`` examples and sends its trained head pushed
+      toward the first class (:data:`HEAD_PUSH` added to that class's bias).
     """
     tensors = content.array_records["update"].to_torch_state_dict()
     metrics = dict(content.metric_records["metrics"])
@@ -40,6 +43,10 @@ def lie(content: RecordDict, attack: str, max_examples: int) -> RecordDict:
     elif attack == "negative_gram":
         for gram in grams:
             tensors[gram] = -3 * tensors[gram]
+    elif attack == "poison_head":
+        metrics["num-examples"] = max_examples
+        tensors["head.bias"] = tensors["head.bias"] + HEAD_PUSH * torch.nn.functional.one_hot(
+            torch.tensor(0), tensors["head.bias"].numel()).to(tensors["head.bias"].dtype)
     else:
         raise ValueError(f"unknown attack {attack!r}; valid: {', '.join(DISHONEST)}")
     return RecordDict({"update": ArrayRecord(tensors), "metrics": MetricRecord(metrics)})

@@ -10,7 +10,8 @@ sample-weighted averages (clients send ``n_k * T_k`` and ``n_k``; the sum is div
 ``sum_k n_k``), so the strategy merges the one update exactly as it merges many.
 
 What can still be checked is checked: every stage's reply (its stage, its round, the types
-and sizes of its fields, the range exponents it reveals within ``replies``' bounds), and
+and sizes of its fields, the range exponents it reveals within ``replies``' bounds and
+``secagg.exponent_slack`` bits of the round's median, its signature of the survivor set), and
 the recovered sum as :func:`server_app.validation.checked` checks a reply, with the bounds
 scaled to the number of clients in it.
 """

@@ -4,10 +4,13 @@ comparison; then the reports.
 
     .venv/bin/python -m bench.fcil_benchmark                   # about 40 min on 2 cores
     .venv/bin/python -m bench.fcil_benchmark --seeds 0 --train-per-class 100   # a quick look
+    .venv/bin/python -m bench.fcil_benchmark --out bench/results/claimed \
+        --set replies.weighting=claimed replies.update_factor=null              # other settings
 
 Every job is one ``fcil-run ... backend=inprocess`` (its own process, the shipped SimCLR
 backbone), ``--jobs`` of them side by side; a job whose ``results.json`` exists is skipped,
-so an interrupted benchmark goes on where it stopped. Images are capped per class
+so an interrupted benchmark goes on where it stopped. ``--set`` adds overrides to every
+job (give each setting its own ``--out``). Images are capped per class
 (``--train-per-class``, ``--test-per-class``) to fit the time on a CPU. Writes, under
 ``--out``: one folder per job, ``faithful/`` and ``short/`` reports (``report.md``,
 ``report.csv``, plots) and ``benchmark.md`` with both tables.
@@ -92,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-per-class", type=int, default=150)
     parser.add_argument("--test-per-class", type=int, default=300)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every job")
     args = parser.parse_args(argv)
-    caps = [f"train_per_class={args.train_per_class}", f"test_per_class={args.test_per_class}", "eval_every_round=false"]
+    caps = [f"train_per_class={args.train_per_class}", f"test_per_class={args.test_per_class}", "eval_every_round=false",
+            *args.set]
     out = args.out.resolve()
     todo = {name: o for name, o in jobs(args.seeds, caps).items() if not (out / name / "results.json").is_file()}
     print(f"fcil-benchmark: {len(todo)} jobs to run ({len(jobs(args.seeds, caps)) - len(todo)} done) in {out}", flush=True)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             eta = (time.monotonic() - started) / finished * (len(todo) - finished)
             print(f"fcil-benchmark: [{finished}/{len(todo)}] {futures[future]} "
                   f"{'done' if done else 'FAILED'} in {seconds:.0f}s  ETA {eta / 60:.0f} min", flush=True)
-    tables = [f"# FCIL benchmark\n\nCaps: {' '.join(caps)}; seeds {args.seeds}.\n"]
+    tables = [f"# FCIL benchmark\n\nSettings: {' '.join(caps)}; seeds {args.seeds}.\n"]
     for protocol in ("faithful", "short"):
         if (out / protocol).is_dir():
             tables.append(f"## {protocol}\n\n{build_report([out / protocol], out / protocol)}")

@@ -10,7 +10,9 @@
    cross-task merge of the evaluated model. Median of ``--repeats`` runs on this CPU. Next
    to each round's merge, one run of the influence bounds on the same replies (the Gram
    checks and the default ``capped`` weighting, ``server_app/influence.py``), which the
-   server applies before it merges.
+   server applies before it merges; and the direction bound (``replies.direction_factor``)
+   on the A-round's Grams, timed once per distinct Gram width and counted once per layer
+   of that width (and the head).
 2. Bytes uploaded per client per round, from the protobuf of real reply messages:
    LoRM (each round kind, and the mean over a 5-round task with its Gram exchange),
    FedAvg-LoRA (A, B and head), and what the paper's code ships per client and round (the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 
 import timm
 import torch
@@ -34,7 +37,7 @@ from bench import save_result
 from fedcil.config import compose_config
 from fedcil.protocol import ClientUpdate, encode_reply
 from fedcil.tasks import split_for
-from server_app.influence import InfluenceBounds, bound_influence
+from server_app.influence import InfluenceBounds, bound_influence, direction_ratios
 from strategies import build_strategy
 from strategies.lorm import client_summaries
 
@@ -98,6 +101,23 @@ def time_bounds(strategy, round_in_task: int, updates: list[ClientUpdate]) -> fl
     return time.perf_counter() - start
 
 
+def time_directions(grams: dict[str, torch.Tensor]) -> float:
+    """Seconds of the direction bound over ten clients' Grams per example of every adapted layer and the head.
+
+    The layers of one width share a Gram here, so each width is timed once and counted per layer.
+    """
+    layers = {name: g for name, g in grams.items() if name != "head"}
+    widths = Counter(g.shape[0] for g in layers.values())
+    by_width = {g.shape[0]: g for g in layers.values()}
+    total = 0.0
+    for count, gram in [(widths[w], g) for w, g in by_width.items()] + [(1, grams["head"])]:
+        per_example = [gram.float() * (1 + 0.01 * k) / 100 for k in range(CLIENTS)]
+        start = time.perf_counter()
+        direction_ratios(per_example)
+        total += count * (time.perf_counter() - start)
+    return total
+
+
 def time_task_end(strategy, grams: dict, repeats: int) -> float:
     """Median seconds to fold a task's Grams in and compute the evaluated base deltas."""
     updates = [ClientUpdate(k, {f"{n}.G": g.float() for n, g in grams.items() if n != "head"}, 100, 0.0) for k in range(CLIENTS)]
@@ -128,6 +148,7 @@ def measure(rank: int, repeats: int) -> dict:
             seconds[f"{factor[-1]}-round bounds"] = time_bounds(strategy, round_in_task, updates)
             result["bytes"][f"lorm {name} {factor[-1]}-round"] = reply_bytes(summary)
         seconds["task end"] = time_task_end(strategy, grams, repeats)
+        seconds["A-round directions"] = time_directions(grams)
         result["seconds"][name] = seconds
         task_end = reply_bytes({f"{n}.G": g for n, g in grams.items() if n != "head"})
         result["bytes"][f"lorm {name} task-end Grams"] = task_end
@@ -151,10 +172,11 @@ def report(result: dict) -> None:
         verdict = "met" if worst < TARGETS_S[name] else "MISSED"
         print(f"{name:<18}{seconds['A-round']:>10.3f}{seconds['B-round']:>10.3f}{seconds['task end']:>10.3f}   "
               f"< {TARGETS_S[name]} s per round: {verdict}")
-    print(f"\n{'influence bounds (s)':<18}{'A-round':>10}{'B-round':>10}   vs the round's merge")
+    print(f"\n{'influence bounds (s)':<18}{'A-round':>10}{'B-round':>10}{'directions':>12}   vs the round's merge")
     for name, seconds in result["seconds"].items():
         ratio = max(seconds[f"{k}-round bounds"] / seconds[f"{k}-round"] for k in "AB")
-        print(f"{name:<18}{seconds['A-round bounds']:>10.3f}{seconds['B-round bounds']:>10.3f}   up to {ratio:.1f}x")
+        print(f"{name:<18}{seconds['A-round bounds']:>10.3f}{seconds['B-round bounds']:>10.3f}"
+              f"{seconds['A-round directions']:>12.3f}   up to {ratio:.1f}x")
     base = result["bytes"]["fedavg_lora"]
     print(f"\n{'upload per client per round':<48}{'bytes':>14}{'vs FedAvg-LoRA':>16}")
     for name, size in result["bytes"].items():

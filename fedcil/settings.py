@@ -19,7 +19,7 @@ from fedcil.tasks import split_for
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_INITS = ("torch", "timm")
-WEIGHTINGS = ("claimed", "capped", "uniform")  # replies.weighting (server_app/influence.py)
+WEIGHTINGS = ("bounded", "claimed", "capped", "uniform")  # replies.weighting (server_app/influence.py)
 SUMS_OF_STATISTICS = ("lorm", "analytic")  # methods whose replies are statistics, not trained tensors
 DP_METHODS = ("fedavg_lora", "ffa_lora", "head_only")  # methods whose merge is an average of trained tensors: dp
 CHOICES = {
@@ -115,6 +115,7 @@ RANGES: dict[str, Range] = {
     "replies.cap_factor": at_least(1, float),
     "replies.energy_factor": Range(float, low=1, low_open=True, nullable=True),
     "replies.psd_tolerance": at_least(0, float, nullable=True),
+    "replies.direction_factor": at_least(1, float, nullable=True),
     "secagg.num_neighbours": at_least(2, nullable=True),
     "secagg.threshold": Range(float, low=0.5, high=1, low_open=True),
     "secagg.max_dropouts": at_least(0, nullable=True),
@@ -156,10 +157,10 @@ def check_secure_aggregation(cfg: DictConfig) -> None:
     if cfg.replies.weighting != "claimed":
         raise ConfigError(f"replies.weighting={cfg.replies.weighting} weighs each client's reply, which secure aggregation "
                           "hides; set replies.weighting=claimed or secagg.enabled=false")
-    sampled = max(1, int(round(cfg.fraction_train * cfg.num_clients)))
     if cfg.replies.update_factor is not None and cfg.method.name not in SUMS_OF_STATISTICS:
         raise ConfigError(f"replies.update_factor={cfg.replies.update_factor:g} bounds each client's update, which secure "
                           "aggregation hides; set replies.update_factor=null or secagg.enabled=false")
+    sampled = max(1, int(round(cfg.fraction_train * cfg.num_clients)))
     if sampled < 2:
         raise ConfigError(f"secagg.enabled=true with {sampled} client a round (num_clients={cfg.num_clients}, "
                           f"fraction_train={cfg.fraction_train}): a sum of one reply is that reply; use at least 2")
@@ -181,10 +182,10 @@ def check_differential_privacy(cfg: DictConfig) -> None:
     if cfg.replies.weighting != "uniform":
         raise ConfigError(f"dp.enabled=true with replies.weighting={cfg.replies.weighting}; allowed: uniform "
                           "(the noise is scaled to a plain average of the replies)")
-    if cfg.secagg.enabled:
     if cfg.replies.update_factor is not None:
         raise ConfigError(f"dp.enabled=true with replies.update_factor={cfg.replies.update_factor:g}; allowed: null "
                           "(a bound relative to the round's median lets one client change every other client's update)")
+    if cfg.secagg.enabled:
         raise ConfigError("dp.enabled=true with secagg.enabled=true; allowed: one of them "
                           "(the server must see each update to clip it)")
     if cfg.dp.delta * cfg.num_clients >= 1:

@@ -8,21 +8,30 @@ validation and before any merge, every round's replies go through:
 
 1. **Gram sanity** (``replies.psd_tolerance``): a diagonal Gram has no negative entry; a
    dense one is symmetric and positive semi-definite within the tolerance (``G + tol *
-   trace(G) * I`` has a Cholesky factor); a reply claiming no examples has all-zero Grams;
-   a numerator ``X^T Y`` with one-hot targets has ``||N||^2 <= n_k trace(X^T X)``.
+   trace(G) * I`` has a Cholesky factor); a reply claiming no examples has every summed
+   tensor zero (Grams, numerators, per-example tensors); a numerator ``X^T Y`` with one-hot
+   targets has ``||N||^2 <= n_k trace(X^T X)``.
 2. **Per-example energy** (``replies.energy_factor``): ``trace(G_k) / n_k`` lies within that
    factor of the round's median, in either direction.
-3. **Weighting** (``replies.weighting``): ``claimed`` keeps every claim; ``capped`` cuts a
+3. **Weighting** (``replies.weighting``): ``claimed`` keeps every claim; ``bounded`` cuts a
+   claim above ``cap_factor`` times the mean claim of the round's other replies to it
+   (with its Grams and numerators, so its statistics per example stay); ``capped`` cuts a
    claim above ``cap_factor`` times the round's median claim to it, and scales a Gram
    whose trace is above ``cap_factor`` times the round's median trace (and the numerators
    pre-multiplied by it) down to it; ``uniform`` gives every reply with data the round's
    median claim and median Gram traces. Scaling a Gram with its numerators keeps the
    client's own solution and only changes its weight.
+4. **Directions** (``replies.direction_factor``, off by default): a Gram per example
+   ``P_k = G_k / n_k`` may exceed ``direction_factor`` times the other replies' mean ``M``
+   in no direction: its largest generalised eigenvalue ``lambda`` against ``M + rho I``
+   (per entry for a diagonal Gram), ``rho = DIRECTION_RIDGE x trace(M) / d``, is at most
+   the factor, else the Gram and its numerators are scaled down by ``factor / lambda``.
 
 A reply failing 1 or 2 is dropped like an invalid one (the reason recorded in the round's
 ``failures``); a reply whose weight was cut is kept and recorded in the round's
-``capped``. Medians are over the replies with data (``n_k > 0``); they stand for the
-honest clients only while those are the majority of a round's replies.
+``capped``. Medians and means are over the replies with data (``n_k > 0``); medians stand
+for the honest clients only while those are the majority of a round's replies, means of
+the others only while one reply lies (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -40,14 +49,20 @@ from fedcil.protocol import ClientUpdate, WeightedSums
 from fedcil.settings import WEIGHTINGS, optional_float
 
 
+DIRECTION_RIDGE = 1e-2
+"""``rho / (trace(M) / d)``: the others' mean Gram per example ``M`` gets ``rho I`` before the direction test,
+so that a direction no other reply uses admits ``cap_factor x rho`` of energy per example, not zero."""
+
+
 @dataclass(frozen=True)
 class InfluenceBounds:
-    """``replies.weighting``, ``cap_factor``, ``energy_factor`` and ``psd_tolerance`` (None: that check off)."""
+    """``replies.weighting``, ``cap_factor``, ``energy_factor``, ``psd_tolerance``, ``direction_factor`` (None: off)."""
 
-    weighting: str = "capped"
-    cap_factor: float = 3.0
+    weighting: str = "bounded"
+    cap_factor: float = 10.0
     energy_factor: float | None = 10.0
     psd_tolerance: float | None = 1e-6
+    direction_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -56,7 +71,8 @@ class InfluenceBounds:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> InfluenceBounds:
         r = cfg.replies
-        return cls(str(r.weighting), float(r.cap_factor), optional_float(r.energy_factor), optional_float(r.psd_tolerance))
+        return cls(str(r.weighting), float(r.cap_factor), optional_float(r.energy_factor), optional_float(r.psd_tolerance),
+                   optional_float(r.direction_factor))
 
 
 @dataclass
@@ -92,13 +108,20 @@ def trace_of(gram: torch.Tensor) -> float:
     return float(gram.sum() if gram.dim() == 1 else torch.trace(gram))
 
 
+def summed_tensors(sums: WeightedSums) -> list[str]:
+    """Every tensor ``sums`` declares: the Grams, the numerators they weigh, the per-example tensors."""
+    names = {*sums.grams, *(n for numerators in sums.grams.values() for n in numerators), *sums.per_example, *sums.unit_targets}
+    return sorted(names)
+
+
 def sanity_problem(update: ClientUpdate, sums: WeightedSums, tolerance: float | None) -> str | None:
     """Why ``update``'s Grams cannot be Grams of its data, or None."""
+    if update.num_examples == 0:
+        nonzero = [key for key in summed_tensors(sums) if bool(update.tensors[key].any())]
+        if nonzero:
+            return f"{nonzero[0]} is not zero with num-examples=0"
     for key in sorted(sums.grams):
-        gram = update.tensors[key]
-        if update.num_examples == 0 and bool(gram.any()):
-            return f"{key} is not zero with num-examples=0"
-        problem = None if tolerance is None else gram_problem(gram, tolerance)
+        problem = None if tolerance is None else gram_problem(update.tensors[key], tolerance)
         if problem:
             return f"{key} {problem}"
     for numerator, gram in sorted(sums.unit_targets.items()):
@@ -125,6 +148,44 @@ def energy_problems(updates: list[ClientUpdate], sums: WeightedSums, factor: flo
     return problems
 
 
+def direction_ratios(per_example: list[torch.Tensor], ridge: float = DIRECTION_RIDGE) -> list[float]:
+    """Per Gram ``P_k``, its largest generalised eigenvalue against the others' mean plus a ridge.
+
+    ``lambda_k = max_v v^T P_k v / v^T (M_k + rho I) v`` with ``M_k`` the mean of the other
+    ``K - 1`` Grams and ``rho = ridge x trace(mean of all) / d``; per entry for diagonal
+    Grams. With ``S = sum_j P_j + (K - 1) rho I = P_k + (K - 1)(M_k + rho I)`` and ``mu_k``
+    the largest eigenvalue of ``L^-1 P_k L^-T`` (``S = L L^T``), ``lambda_k = (K - 1) mu_k /
+    (1 - mu_k)``: one Cholesky factor serves every reply. Needs ``K >= 2`` and a non-zero sum.
+    """
+    others = len(per_example) - 1
+    grams = [p.to(torch.float64) for p in per_example]
+    total = torch.stack(grams).sum(0)
+    rho = ridge * trace_of(total) / (len(grams) * total.shape[0])
+    if total.dim() == 1:
+        shares = [float((p / (total + others * rho)).max()) for p in grams]
+    else:
+        factor = torch.linalg.cholesky(total + others * rho * torch.eye(total.shape[0], dtype=torch.float64))
+        shares = []
+        for p in grams:
+            half = torch.linalg.solve_triangular(factor, p, upper=False)
+            whitened = torch.linalg.solve_triangular(factor, half.T, upper=False)
+            shares.append(float(torch.linalg.eigvalsh((whitened + whitened.T) / 2)[-1]))
+    return [others * mu / (1 - mu) for mu in (min(share, 1 - 1e-15) for share in shares)]
+
+
+def direction_scales(with_data: list[ClientUpdate], sums: WeightedSums, cap: float) -> dict[int, dict[str, float]]:
+    """Per node, the Grams whose per-example direction ratio exceeds ``cap``, each with ``cap / lambda``."""
+    scales: dict[int, dict[str, float]] = {u.node_id: {} for u in with_data}
+    for key in sorted(sums.grams):
+        per_example = [u.tensors[key].to(torch.float64) / u.num_examples for u in with_data]
+        if len(per_example) < 2 or trace_of(torch.stack(per_example).sum(0)) <= 0:
+            continue
+        for update, ratio in zip(with_data, direction_ratios(per_example), strict=True):
+            if ratio > cap:
+                scales[update.node_id][key] = cap / ratio
+    return scales
+
+
 def reweighted(update: ClientUpdate, sums: WeightedSums, count: int, scales: Mapping[str, float]) -> ClientUpdate:
     """``update`` claiming ``count`` examples, each Gram in ``scales`` scaled by its factor (with its numerators)."""
     tensors = dict(update.tensors)
@@ -137,17 +198,40 @@ def reweighted(update: ClientUpdate, sums: WeightedSums, count: int, scales: Map
     return replace(update, tensors=tensors, num_examples=count)
 
 
-def target_weight(weight: float, median: float, bounds: InfluenceBounds) -> float:
-    """The weight a reply keeps: its own (``claimed``), capped, or the median (``uniform``)."""
+def target_weight(weight: float, others: list[float], median: float, bounds: InfluenceBounds) -> float:
+    """The weight a reply keeps: its own (``claimed``), bounded by the others' mean or the median, or the median."""
     if bounds.weighting == "uniform":
         return median
     if bounds.weighting == "capped":
         return min(weight, bounds.cap_factor * median)
+    if bounds.weighting == "bounded" and others:
+        return min(weight, bounds.cap_factor * statistics.fmean(others))
     return weight
 
 
+def weight_scales(with_data: list[ClientUpdate], sums: WeightedSums, bounds: InfluenceBounds) -> dict[int, tuple[int, dict[str, float]]]:
+    """Per node, its count and Gram scales under the weighting (before the direction bound)."""
+    counts = {u.node_id: float(u.num_examples) for u in with_data}
+    median_count = statistics.median(counts.values())
+    traces = {key: {u.node_id: trace_of(u.tensors[key]) for u in with_data} for key in sums.grams}
+    weights = {}
+    for node, claimed in counts.items():
+        others = [n for other, n in counts.items() if other != node]
+        count = max(1, math.floor(target_weight(claimed, others, median_count, bounds)))
+        if bounds.weighting == "bounded":  # the Grams follow the count: statistics per example stay
+            scales = {key: count / claimed for key in sums.grams} if count != claimed else {}
+        else:
+            scales = {}
+            for key, by_node in traces.items():
+                target = target_weight(by_node[node], [], statistics.median(by_node.values()), bounds)
+                if target != by_node[node] and by_node[node] > 0:
+                    scales[key] = target / by_node[node]
+        weights[node] = (count, scales)
+    return weights
+
+
 def bound_influence(updates: list[ClientUpdate], sums: WeightedSums, bounds: InfluenceBounds) -> Bounded:
-    """The round's valid replies after the Gram checks and the weighting (see the module docstring)."""
+    """The round's valid replies after the Gram checks, the weighting and the direction bound (module docstring)."""
     result = Bounded([])
     kept = []
     for update in updates:
@@ -160,31 +244,37 @@ def bound_influence(updates: list[ClientUpdate], sums: WeightedSums, bounds: Inf
         result.dropped.update(energy_problems(kept, sums, bounds.energy_factor))
         kept = [u for u in kept if u.node_id not in result.dropped]
     with_data = [u for u in kept if u.num_examples > 0]
-    if bounds.weighting == "claimed" or not with_data:
+    directions = {} if bounds.direction_factor is None else direction_scales(with_data, sums, bounds.direction_factor)
+    if not with_data or (bounds.weighting == "claimed" and not any(directions.values())):
         result.updates = kept
         return result
-    median_count = statistics.median(u.num_examples for u in with_data)
-    median_trace = {key: statistics.median(trace_of(u.tensors[key]) for u in with_data) for key in sums.grams}
+    weights = weight_scales(with_data, sums, bounds)
     for update in kept:
         if update.num_examples == 0:
             result.updates.append(update)
             continue
-        count = max(1, math.floor(target_weight(update.num_examples, median_count, bounds)))
-        traces = {key: trace_of(update.tensors[key]) for key in sums.grams}
-        targets = {key: target_weight(traces[key], median_trace[key], bounds) for key in sums.grams}
-        cut = [key for key in sorted(traces) if targets[key] != traces[key] and traces[key] > 0]
-        if count == update.num_examples and not cut:
+        count, scales = weights[update.node_id]
+        turned = directions.get(update.node_id, {})
+        combined = {key: scales.get(key, 1.0) * turned.get(key, 1.0) for key in sorted({*scales, *turned})}
+        if count == update.num_examples and not combined:
             result.updates.append(update)
             continue
-        result.updates.append(reweighted(update, sums, count, {key: targets[key] / traces[key] for key in cut}))
-        if bounds.weighting == "capped":
-            result.capped[update.node_id] = capped_note(update.num_examples, count, cut, bounds.cap_factor)
+        result.updates.append(reweighted(update, sums, count, combined))
+        if bounds.weighting != "uniform" or turned:
+            result.capped[update.node_id] = capped_note(update.num_examples, count, sorted(scales), turned, bounds)
     return result
 
 
-def capped_note(claimed: int, count: int, cut: list[str], factor: float) -> str:
-    """What ``capped`` did to one reply, for the round's record."""
+def capped_note(claimed: int, count: int, cut: list[str], turned: Mapping[str, float], bounds: InfluenceBounds) -> str:
+    """What the weighting and the direction bound did to one reply, for the round's record."""
+    reference = "the others' mean" if bounds.weighting == "bounded" else "the round's median"
     notes = [f"num-examples {claimed} -> {count}"] if count != claimed else []
-    if cut:
+    if cut and bounds.weighting != "bounded":
         notes.append(f"{len(cut)} Gram weights cut (first {cut[0]})")
-    return f"{'; '.join(notes)} (cap_factor={factor:g} x the round's median)"
+    if notes:
+        notes[-1] += f" (cap_factor={bounds.cap_factor:g} x {reference})"
+    if turned:
+        first = min(turned)
+        notes.append(f"{len(turned)} Grams cut in their strongest direction (first {first} x {turned[first]:.3g}; "
+                     f"direction_factor={bounds.direction_factor:g} x the others' mean per example)")
+    return "; ".join(notes)

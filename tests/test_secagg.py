@@ -364,7 +364,7 @@ def test_shares_rebuild_keys_and_masks_cancel():
     ],
 )
 def test_methods_that_need_each_clients_factors_refuse_secagg(overrides, message):
-    cfg = compose_config("config", [*MICRO, "secagg.enabled=true", "replies.weighting=claimed", *overrides])
+    cfg = compose_config("config", [*MICRO, "secagg.enabled=true", "replies.weighting=claimed", "replies.update_factor=null", *overrides])
     shape = declared_shape(cfg.dataset)
     model = model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size)
     with pytest.raises(ConfigError, match=message):
@@ -383,7 +383,7 @@ def test_methods_that_need_each_clients_factors_refuse_secagg(overrides, message
     ],
 )
 def test_bad_secagg_settings_fail_in_one_line(overrides, message):
-    cfg = compose_config("config", [*MICRO, "secagg.enabled=true", "replies.weighting=claimed", *overrides])
+    cfg = compose_config("config", [*MICRO, "secagg.enabled=true", "replies.weighting=claimed", "replies.update_factor=null", *overrides])
     with pytest.raises(ConfigError, match=message) as error:
         check_settings(cfg)
     assert "\n" not in str(error.value)

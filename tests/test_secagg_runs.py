@@ -19,6 +19,7 @@ from server_app.validation import TooFewReplies
 
 TINY = ["num_tasks=2", "rounds_per_task=2", "num_clients=3", "local_epochs=2", "partition=iid",
         "train_per_class=40", "test_per_class=30"]
+SECURE = ["secagg.enabled=true", "replies.weighting=claimed", "replies.update_factor=null"]  # what secagg needs
 TOLERANCE = 1.0  # points of accuracy per entry of the matrix; the runs below measure 0
 
 
@@ -33,7 +34,7 @@ def matrices_agree(secure: list, plain: list) -> bool:
 def test_a_secure_run_has_the_accuracies_of_the_plain_run(tmp_path, method, extra):
     run = [*TINY, f"method={method}", *extra, "checkpoint=false"]
     plain = run_inprocess(compose_config("config", [*run, f"output_dir={tmp_path / 'plain'}"]))
-    secure = run_inprocess(compose_config("config", [*run, "secagg.enabled=true", "replies.weighting=claimed", f"output_dir={tmp_path / 'secure'}"]))
+    secure = run_inprocess(compose_config("config", [*run, *SECURE, f"output_dir={tmp_path / 'secure'}"]))
     assert matrices_agree(secure["accuracy_matrix"], plain["accuracy_matrix"])
     assert [r["clients"] for r in secure["rounds"]] == [3, 3, 3, 3]
     # a masked entry is 8 bytes (4 with 32 bits) where a plain one is 4; keys and shares add little
@@ -63,7 +64,7 @@ def dropping_post(cfg, leaving: set[int], from_round: int):
 
 
 def test_a_dropout_is_recovered_from_and_too_many_stop_the_run_with_the_checkpoint_kept(tmp_path):
-    run = [*TINY, "method=analytic", "num_clients=4", "secagg.enabled=true", "replies.weighting=claimed"]
+    run = [*TINY, "method=analytic", "num_clients=4", *SECURE]
     cfg = compose_config("config", [*run, f"output_dir={tmp_path / 'one'}"])
     one_left = run_rounds(dropping_post(cfg, {3}, from_round=1), [0, 1, 2, 3], cfg)
     assert [r["clients"] for r in one_left["rounds"]] == [4, 3, 3, 3]
@@ -82,7 +83,7 @@ def test_a_dropout_is_recovered_from_and_too_many_stop_the_run_with_the_checkpoi
 @pytest.mark.e2e
 def test_a_secure_flower_simulation_has_the_accuracies_of_the_plain_inprocess_run(tmp_path):
     run = [*TINY, "method=lorm", "evaluation=clients"]
-    flower = json.loads((launch("config", [*run, "secagg.enabled=true", "replies.weighting=claimed", f"output_dir={tmp_path / 'flower'}"]) / "results.json").read_text())
+    flower = json.loads((launch("config", [*run, *SECURE, f"output_dir={tmp_path / 'flower'}"]) / "results.json").read_text())
     plain = run_inprocess(compose_config("config", [*run, "backend=inprocess", f"output_dir={tmp_path / 'plain'}"]))
     assert matrices_agree(flower["accuracy_matrix"], plain["accuracy_matrix"])
     assert [r["clients"] for r in flower["rounds"]] == [3, 3, 3, 3] and not any(r["missing"] for r in flower["rounds"])

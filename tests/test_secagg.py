@@ -416,8 +416,12 @@ def test_a_server_re_running_one_exchange_over_fewer_clients_to_subtract_the_sum
     with pytest.raises(TooFewReplies, match="secagg stage setup: 0 valid answers"):
         send(plan, 0, 0, [10, 11, 12])
     assert len(people.refusals) == 3 and all("exchange 0/0/statistics:" in r and "set up before" in r for r in people.refusals)
-    # the same clients go on with the run's next exchanges: another round, and an evaluation of this one
-    assert send(plan, 0, 1, [10, 11, 12]).updates[0].clients == 3
+    # nor under another round number: the analytic statistics do not change with the round
+    with pytest.raises(TooFewReplies, match="secagg stage setup: 0 valid answers"):
+        send(plan, 0, 1, [10, 11, 12])
+    assert len(people.refusals) == 6 and all("repeats the request" in r for r in people.refusals[3:])
+    # the same clients go on with the run's next exchanges: the next task, and an evaluation
+    assert send(strategy.configure_round(1, 0), 1, 0, [10, 11, 12]).updates[0].clients == 3
     evaluation = Clients({n: encode_reply({"eval.correct": torch.tensor([3.0]), "eval.count": torch.tensor([7.0])}, 7, 0.0) for n in (10, 11)})
     evaluation.states = people.states
     lorm = micro_strategy("lorm")

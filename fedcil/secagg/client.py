@@ -25,6 +25,7 @@ two sets of clients could subtract the sums.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -91,14 +92,31 @@ def exchange_of(content: RecordDict) -> str:
     return f"{int(config['task'])}/{int(config['round'])}/{kind}"
 
 
+def request_digest(content: RecordDict) -> str:
+    """SHA-256 of what a round request asks a client to compute on: every array and every config entry but the round."""
+    digest = hashlib.sha256()
+    for name in sorted(content.array_records):
+        for key, array in sorted(content.array_records[name].items()):
+            digest.update(f"{name}/{key}/{array.dtype}/{array.shape}".encode())
+            digest.update(array.data)
+    config = {k: v for k, v in content.config_records["config"].items() if k != "round"}
+    digest.update(repr(sorted(config.items())).encode())
+    return digest.hexdigest()
+
+
 def claim_exchange(content: RecordDict, state: RecordDict) -> None:
-    """Record that this client sets up ``content``'s exchange; refuse one it has set up before."""
-    exchange = exchange_of(content)
-    done = state.config_records.setdefault(SET_UP, ConfigRecord({"exchanges": []}))
+    """Record that this client sets up ``content``'s exchange; refuse one it has set up before, and the same
+    request again under another round number (the same reply, summed over other clients)."""
+    exchange, digest = exchange_of(content), request_digest(content)
+    done = state.config_records.setdefault(SET_UP, ConfigRecord({"exchanges": [], "digests": []}))
     if exchange in done["exchanges"]:
         raise ProtocolError(f"secagg setup for exchange {exchange} (task/round/kind), which this client has set up "
                             "before; a second sum over other clients would reveal the difference")
+    if digest in done["digests"]:
+        raise ProtocolError(f"secagg setup for exchange {exchange} repeats the request of an exchange this client has "
+                            "set up before; a second sum over other clients would reveal the difference")
     done["exchanges"] = [*done["exchanges"], exchange]
+    done["digests"] = [*done["digests"], digest]
 
 
 def setup(request: ConfigRecord, answer: RecordDict, node: int, state: RecordDict) -> RecordDict:

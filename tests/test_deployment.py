@@ -30,7 +30,7 @@ def test_tls_deployment_with_supernode_auth_and_secure_aggregation_matches_the_l
     SuperNodes); the accuracies are those of the plain in-process loop within 1 point per entry."""
     work = tmp_path / "deploy"
     out = subprocess.run(
-        ["bash", str(DEPLOY), "-n", "3", "-a", "-w", str(work), *TINY, "secagg.enabled=true", "replies.weighting=claimed"],
+        ["bash", str(DEPLOY), "-n", "3", "-a", "-w", str(work), *TINY, "secagg.enabled=true", "replies.weighting=claimed", "replies.update_factor=null"],
         capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

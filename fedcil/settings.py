@@ -113,6 +113,7 @@ RANGES: dict[str, Range] = {
     "replies.clip_norm": positive(nullable=True),
     "replies.update_factor": at_least(1, float, nullable=True),
     "replies.cap_factor": at_least(1, float),
+    "replies.max_share": Range(float, low=0, high=1, low_open=True, high_open=True),
     "replies.energy_factor": Range(float, low=1, low_open=True, nullable=True),
     "replies.psd_tolerance": at_least(0, float, nullable=True),
     "replies.direction_factor": at_least(1, float, nullable=True),

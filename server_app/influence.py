@@ -14,8 +14,9 @@ validation and before any merge, every round's replies go through:
 2. **Per-example energy** (``replies.energy_factor``): ``trace(G_k) / n_k`` lies within that
    factor of the round's median, in either direction.
 3. **Weighting** (``replies.weighting``): ``claimed`` keeps every claim; ``bounded`` cuts a
-   claim above ``cap_factor`` times the mean claim of the round's other replies to it
-   (with its Grams and numerators, so its statistics per example stay); ``capped`` cuts a
+   claim above ``max_share`` of the round's total claims to that share, i.e. to
+   ``max_share / (1 - max_share)`` times the other replies' total (with its Grams and
+   numerators, so its statistics per example stay); ``capped`` cuts a
    claim above ``cap_factor`` times the round's median claim to it, and scales a Gram
    whose trace is above ``cap_factor`` times the round's median trace (and the numerators
    pre-multiplied by it) down to it; ``uniform`` gives every reply with data the round's
@@ -24,8 +25,9 @@ validation and before any merge, every round's replies go through:
 4. **Directions** (``replies.direction_factor``, off by default): a Gram per example
    ``P_k = G_k / n_k`` may exceed ``direction_factor`` times the other replies' mean ``M``
    in no direction: its largest generalised eigenvalue ``lambda`` against ``M + rho I``
-   (per entry for a diagonal Gram), ``rho = DIRECTION_RIDGE x trace(M) / d``, is at most
-   the factor, else the Gram and its numerators are scaled down by ``factor / lambda``.
+   (per entry for a diagonal Gram), ``rho = DIRECTION_RIDGE x trace(P) / d`` with ``P`` the
+   mean of every reply's ``P_j``, is at most the factor, else the Gram and its numerators
+   are scaled down by ``factor / lambda``.
 
 A reply failing 1 or 2 is dropped like an invalid one (the reason recorded in the round's
 ``failures``); a reply whose weight was cut is kept and recorded in the round's
@@ -50,16 +52,18 @@ from fedcil.settings import WEIGHTINGS, optional_float
 
 
 DIRECTION_RIDGE = 1e-2
-"""``rho / (trace(M) / d)``: the others' mean Gram per example ``M`` gets ``rho I`` before the direction test,
-so that a direction no other reply uses admits ``cap_factor x rho`` of energy per example, not zero."""
+"""``rho`` in units of the replies' mean eigenvalue per example: the others' mean ``M`` gets ``rho I`` before the
+direction test, so that a direction no other reply uses admits ``direction_factor x rho`` per example, not zero."""
 
 
 @dataclass(frozen=True)
 class InfluenceBounds:
-    """``replies.weighting``, ``cap_factor``, ``energy_factor``, ``psd_tolerance``, ``direction_factor`` (None: off)."""
+    """``replies.weighting``, ``cap_factor``, ``max_share``, ``energy_factor``, ``psd_tolerance``, ``direction_factor``
+    (None: that check off)."""
 
     weighting: str = "bounded"
-    cap_factor: float = 10.0
+    cap_factor: float = 3.0
+    max_share: float = 0.5
     energy_factor: float | None = 10.0
     psd_tolerance: float | None = 1e-6
     direction_factor: float | None = None
@@ -71,8 +75,8 @@ class InfluenceBounds:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> InfluenceBounds:
         r = cfg.replies
-        return cls(str(r.weighting), float(r.cap_factor), optional_float(r.energy_factor), optional_float(r.psd_tolerance),
-                   optional_float(r.direction_factor))
+        return cls(str(r.weighting), float(r.cap_factor), float(r.max_share), optional_float(r.energy_factor),
+                   optional_float(r.psd_tolerance), optional_float(r.direction_factor))
 
 
 @dataclass
@@ -159,7 +163,7 @@ def direction_ratios(per_example: list[torch.Tensor], ridge: float = DIRECTION_R
     """
     others = len(per_example) - 1
     grams = [p.to(torch.float64) for p in per_example]
-    total = torch.stack(grams).sum(0)
+    total = sum(grams[1:], grams[0])
     rho = ridge * trace_of(total) / (len(grams) * total.shape[0])
     if total.dim() == 1:
         shares = [float((p / (total + others * rho)).max()) for p in grams]
@@ -178,7 +182,7 @@ def direction_scales(with_data: list[ClientUpdate], sums: WeightedSums, cap: flo
     scales: dict[int, dict[str, float]] = {u.node_id: {} for u in with_data}
     for key in sorted(sums.grams):
         per_example = [u.tensors[key].to(torch.float64) / u.num_examples for u in with_data]
-        if len(per_example) < 2 or trace_of(torch.stack(per_example).sum(0)) <= 0:
+        if len(per_example) < 2 or sum(trace_of(p) for p in per_example) <= 0:
             continue
         for update, ratio in zip(with_data, direction_ratios(per_example), strict=True):
             if ratio > cap:
@@ -199,13 +203,13 @@ def reweighted(update: ClientUpdate, sums: WeightedSums, count: int, scales: Map
 
 
 def target_weight(weight: float, others: list[float], median: float, bounds: InfluenceBounds) -> float:
-    """The weight a reply keeps: its own (``claimed``), bounded by the others' mean or the median, or the median."""
+    """The weight a reply keeps: its own (``claimed``), bounded by the others' total or the median, or the median."""
     if bounds.weighting == "uniform":
         return median
     if bounds.weighting == "capped":
         return min(weight, bounds.cap_factor * median)
     if bounds.weighting == "bounded" and others:
-        return min(weight, bounds.cap_factor * statistics.fmean(others))
+        return min(weight, bounds.max_share / (1 - bounds.max_share) * sum(others))
     return weight
 
 
@@ -267,12 +271,12 @@ def bound_influence(updates: list[ClientUpdate], sums: WeightedSums, bounds: Inf
 
 def capped_note(claimed: int, count: int, cut: list[str], turned: Mapping[str, float], bounds: InfluenceBounds) -> str:
     """What the weighting and the direction bound did to one reply, for the round's record."""
-    reference = "the others' mean" if bounds.weighting == "bounded" else "the round's median"
     notes = [f"num-examples {claimed} -> {count}"] if count != claimed else []
     if cut and bounds.weighting != "bounded":
         notes.append(f"{len(cut)} Gram weights cut (first {cut[0]})")
     if notes:
-        notes[-1] += f" (cap_factor={bounds.cap_factor:g} x {reference})"
+        notes[-1] += (f" (max_share={bounds.max_share:g} of the round's claims)" if bounds.weighting == "bounded"
+                      else f" (cap_factor={bounds.cap_factor:g} x the round's median)")
     if turned:
         first = min(turned)
         notes.append(f"{len(turned)} Grams cut in their strongest direction (first {first} x {turned[first]:.3g}; "

@@ -30,7 +30,8 @@ validation and before any merge, every round's replies go through:
    are scaled down by ``factor / lambda``.
 
 A reply failing 1 or 2 is dropped like an invalid one (the reason recorded in the round's
-``failures``); a reply whose weight was cut is kept and recorded in the round's
+``failures``), and so is every reply of a round in which none claims an example (nothing to
+weigh a merge by); a reply whose weight was cut is kept and recorded in the round's
 ``capped``. Medians and means are over the replies with data (``n_k > 0``); medians stand
 for the honest clients only while those are the majority of a round's replies, means of
 the others only while one reply lies (see docs/security.md).
@@ -248,8 +249,11 @@ def bound_influence(updates: list[ClientUpdate], sums: WeightedSums, bounds: Inf
         result.dropped.update(energy_problems(kept, sums, bounds.energy_factor))
         kept = [u for u in kept if u.node_id not in result.dropped]
     with_data = [u for u in kept if u.num_examples > 0]
+    if not with_data:  # nothing to weigh by: every merge would divide by zero
+        result.dropped.update({u.node_id: "no reply of the round claims an example" for u in kept})
+        return result
     directions = {} if bounds.direction_factor is None else direction_scales(with_data, sums, bounds.direction_factor)
-    if not with_data or (bounds.weighting == "claimed" and not any(directions.values())):
+    if bounds.weighting == "claimed" and not any(directions.values()):
         result.updates = kept
         return result
     weights = weight_scales(with_data, sums, bounds)

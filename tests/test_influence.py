@@ -124,6 +124,16 @@ def test_honest_analytic_sums_pass_the_cauchy_schwarz_bound_and_a_boosted_one_fa
     assert "squared norm" in sanity_problem(boosted, declared, 1e-6)
 
 
+@pytest.mark.parametrize("sums", [WeightedSums(), GRAMS], ids=["averaging", "grams"])
+def test_a_round_in_which_no_reply_claims_an_example_is_dropped_whole(sums):
+    """Every merge divides by the round's examples or Grams: all-zero claims would crash it; they are dropped
+    (the loop then stops the run with min_replies' one line, checkpoint kept)."""
+    zero = {"G": torch.zeros(6, 6), "N": torch.zeros(2, 6), "nb": torch.zeros(2)}
+    bounded = bound_influence([ClientUpdate(node, dict(zero), 0, 0.0) for node in range(3)], sums, InfluenceBounds())
+    assert bounded.updates == [] and sorted(bounded.dropped) == [0, 1, 2]
+    assert all("claims an example" in reason for reason in bounded.dropped.values())
+
+
 LAYERS = ("blocks.0.attn.qkv", "blocks.0.mlp.fc1")
 
 

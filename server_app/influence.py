@@ -214,7 +214,9 @@ def target_weight(weight: float, others: list[float], median: float, bounds: Inf
     return weight
 
 
-def weight_scales(with_data: list[ClientUpdate], sums: WeightedSums, bounds: InfluenceBounds) -> dict[int, tuple[int, dict[str, float]]]:
+def weight_scales(
+    with_data: list[ClientUpdate], sums: WeightedSums, bounds: InfluenceBounds
+) -> dict[int, tuple[int, dict[str, float]]]:
     """Per node, its count and Gram scales under the weighting (before the direction bound)."""
     counts = {u.node_id: float(u.num_examples) for u in with_data}
     median_count = statistics.median(counts.values())
@@ -275,8 +277,8 @@ def bound_influence(updates: list[ClientUpdate], sums: WeightedSums, bounds: Inf
 
 def capped_note(claimed: int, count: int, cut: list[str], turned: Mapping[str, float], bounds: InfluenceBounds) -> str:
     """What the weighting and the direction bound did to one reply, for the round's record."""
-    notes = [f"num-examples {claimed} -> {count}"] if count != claimed else []
-    if cut and bounds.weighting != "bounded":
+    notes = [f"num-examples {claimed} -> {count}"] if count != claimed and bounds.weighting != "uniform" else []
+    if cut and bounds.weighting == "capped":
         notes.append(f"{len(cut)} Gram weights cut (first {cut[0]})")
     if notes:
         notes[-1] += (f" (max_share={bounds.max_share:g} of the round's claims)" if bounds.weighting == "bounded"

@@ -188,7 +188,8 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
                 log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, round_in_task + 1, node, reason)
             result.updates, result.capped = bounded.updates, bounded.capped
         if plan.returns_trained_tensors and limits.update_factor is not None:
-            result.updates, cut = bound_update_sizes(result.updates, plan.state, limits.update_factor)
+            result.updates, cut = bound_update_sizes(result.updates, plan.state, limits.update_factor, cfg.local_epochs,
+                                                     cfg.batch_size)
             for node, note in cut.items():
                 result.capped[node] = f"{result.capped[node]}; {note}" if node in result.capped else note
         needed = min(cfg.min_replies, len(nodes))

@@ -161,6 +161,9 @@ def check_secure_aggregation(cfg: DictConfig) -> None:
     if cfg.replies.update_factor is not None and cfg.method.name not in SUMS_OF_STATISTICS:
         raise ConfigError(f"replies.update_factor={cfg.replies.update_factor:g} bounds each client's update, which secure "
                           "aggregation hides; set replies.update_factor=null or secagg.enabled=false")
+    if cfg.method.name == "analytic" and cfg.rounds_per_task > 1:
+        raise ConfigError(f"secagg.enabled=true with method=analytic and rounds_per_task={cfg.rounds_per_task}: its "
+                          "statistics repeat every round, which clients refuse to sum twice; allowed: rounds_per_task=1")
     sampled = max(1, int(round(cfg.fraction_train * cfg.num_clients)))
     if sampled < 2:
         raise ConfigError(f"secagg.enabled=true with {sampled} client a round (num_clients={cfg.num_clients}, "

@@ -380,6 +380,7 @@ def test_methods_that_need_each_clients_factors_refuse_secagg(overrides, message
         (["secagg.threshold=0.5"], "secagg.threshold=0.5 is out of range"),
         (["num_clients=50", "secagg.num_neighbours=10"], r"secagg.threshold=0.6 with a ring \(secagg.num_neighbours=10\); allowed: at least 2/3"),
         (["secagg.modulus_bits=16"], "unknown secagg.modulus_bits 16; valid choices: 32, 64"),
+        (["method=analytic", "rounds_per_task=2"], "method=analytic and rounds_per_task=2: its statistics repeat every round"),
     ],
 )
 def test_bad_secagg_settings_fail_in_one_line(overrides, message):

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.node import NodeJob
 from fedcil.secagg.client import respond
+from fedcil.secagg.identity import identity_of
 
 app = ClientApp()
 
@@ -44,7 +45,8 @@ def reply(msg: Message, context: Context) -> Message:
     """Answer a request with this node's config and partition (through secure aggregation's
     stages when the request asks for them: :func:`fedcil.secagg.client.respond`)."""
     job = NodeJob.from_context(context)
-    content = respond(msg.content, context.state, context.node_id, lambda request: answer_plainly(job, request, context))
+    content = respond(msg.content, context.state, context.node_id, lambda request: answer_plainly(job, request, context),
+                      identity_of(os.environ))
     return Message(content=content, reply_to=msg)
 
 

@@ -24,7 +24,9 @@ class RoundExchange:
 
     ``replies`` are the records as received; ``updates`` the valid ones, decoded, once
     :func:`server_app.loop.screened` has checked them. ``failed`` says why each node that
-    was asked has no update, ``capped`` whose weight the influence bounds cut.
+    was asked has no update, ``capped`` whose weight the influence bounds cut; under secure
+    aggregation, ``authenticated`` counts the clients in the sum whose keys came signed with
+    their SuperNode keys (:mod:`fedcil.secagg.identity`).
     """
 
     replies: list[tuple[int, RecordDict]]
@@ -34,6 +36,7 @@ class RoundExchange:
     failed: dict[int, str] = field(default_factory=dict)
     updates: list[ClientUpdate] = field(default_factory=list)
     capped: dict[int, str] = field(default_factory=dict)
+    authenticated: int | None = None
 
 
 Post = Callable[[Mapping[int, RecordDict], str], RoundExchange]

@@ -222,6 +222,7 @@ def round_record(task: int, round_in_task: int, result: RoundExchange, accuracy:
         "task": task, "round": round_in_task, "clients": sum(u.clients for u in updates),
         "loss": None if privacy.enabled else loss, "accuracy": accuracy,
         "bytes_up": result.bytes_up, "bytes_down": result.bytes_down, "seconds": seconds, **nodes,
+        **({} if result.authenticated is None else {"authenticated_keys": result.authenticated}),
     }
 
 

@@ -34,6 +34,7 @@ from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, encode_request
 from fedcil.secagg import masks
 from fedcil.secagg.client import COUNT, LOSS, RECORD, VECTOR
 from fedcil.secagg.encoding import MIN_EXPONENT, FixedPoint
+from fedcil.secagg.identity import SIGNED_KEYS, signed_by
 from fedcil.secagg.server import SecAggFailed, SecAggSettings, neighbourhoods, outlying_exponents, threshold_of, unmasked_sum
 from server_app.federation import Post, RoundExchange, Send
 from server_app.influence import sanity_problem
@@ -136,12 +137,15 @@ class SecureRound:
             exponents = field(record, "exponents", int, len(names))
             if any(not MIN_EXPONENT <= e <= cap for e, cap in zip(exponents, caps)):
                 raise InvalidReply("a range exponent is outside what replies.max_norm and replies.max_examples allow")
-            keys = {key: field(record, key, bytes) for key in ("encryption-key", "mask-key", "signing-key", "seed-commitment")}
-            for key in ("encryption-key", "mask-key", "signing-key"):
+            keys = {key: field(record, key, bytes) for key in (*SIGNED_KEYS, "seed-commitment")}
+            for key in SIGNED_KEYS:
                 bytes_to_public_key(keys[key])
             if len(keys["seed-commitment"]) != 32:
                 raise InvalidReply("seed-commitment is not 32 bytes")
-            return {**keys, "exponents": exponents}
+            signed = {key: field(record, key, bytes) if key in record else b"" for key in ("identity-key", "identity-signature")}
+            if signed["identity-key"] and not signed_by(signed["identity-key"], signed["identity-signature"], self.session, node, keys):
+                raise InvalidReply("its keys' identity signature does not verify")
+            return {**keys, **signed, "exponents": exponents}
 
         keys = self.exchange("setup", {n: setup for n in nodes}, check_setup)
         slack = self.settings.exponent_slack
@@ -160,7 +164,9 @@ class SecureRound:
                 "share-keys", neighbours=[str(m) for m in neighbours[n]],
                 **{"encryption-keys": [keys[m]["encryption-key"] for m in neighbours[n]],
                    "mask-keys": [keys[m]["mask-key"] for m in neighbours[n]],
-                   "signing-keys": [keys[m]["signing-key"] for m in neighbours[n]]},
+                   "signing-keys": [keys[m]["signing-key"] for m in neighbours[n]],
+                   "identity-keys": [keys[m]["identity-key"] for m in neighbours[n]],
+                   "identity-signatures": [keys[m]["identity-signature"] for m in neighbours[n]]},
                 threshold=thresholds[n], exponents=exponents, clients=len(joined),
             )
             for n in joined
@@ -240,6 +246,7 @@ class SecureRound:
             raise TooFewReplies(f"secagg: {exc}; stopping (the checkpoint of the last finished round is kept)") from None
         for node in dropped:
             self.result.failed.setdefault(node, "dropped out of the secure sum after sharing keys")
+        self.result.authenticated = sum(1 for n in masked if keys[n]["identity-key"])
         return total, len(masked)
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import subprocess
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, MessageType, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +27,7 @@ from fedcil.protocol import ClientUpdate, RoundPlan, encode_reply
 from fedcil.secagg import masks
 from fedcil.secagg.client import RECORD, SET_UP, VECTOR, ProtocolError, pairwise_sign, reply_vector, respond
 from fedcil.secagg.encoding import FixedPoint, range_exponent
+from fedcil.secagg.identity import Identity, identity_of, openssh_public, sign_keys
 from fedcil.secagg.server import SecAggSettings, neighbourhoods, outlying_exponents, rebuild_checked, threshold_of, tolerated_tampering
 from fedcil.settings import check_settings
 from fedcil.shapes import declared_shape
@@ -77,8 +81,8 @@ class Clients:
     from that stage on); a client raising is an error reply, as Flower delivers it.
     """
 
-    def __init__(self, replies: dict[int, RecordDict], tamper=None) -> None:
-        self.replies, self.tamper = replies, tamper
+    def __init__(self, replies: dict[int, RecordDict], tamper=None, identities: dict[int, Identity] | None = None) -> None:
+        self.replies, self.tamper, self.identities = replies, tamper, identities or {}
         self.states = {node: RecordDict() for node in replies}
         self.gone: set[int] = set()
         self.requests: list[dict[int, RecordDict]] = []
@@ -93,7 +97,7 @@ class Clients:
                 result.failed[node] = "no reply before the round timeout"
                 continue
             try:
-                reply = respond(content, self.states[node], node, lambda _, n=node: self.replies[n])
+                reply = respond(content, self.states[node], node, lambda _, n=node: self.replies[n], self.identities.get(node))
             except ProtocolError as exc:
                 self.refusals.append(str(exc))
                 result.failed[node] = f"client error: {exc}"
@@ -612,3 +616,145 @@ def test_clients_refuse_a_threshold_of_half_their_holders_plus_one_half():
         secure_sender(low_threshold, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
     assert len(people.refusals) == 5 and all("threshold 3 for 5 share holders; allowed: more than (holders + 1) / 2" in r
                                              for r in people.refusals)
+
+
+class One:
+    """A method whose replies are one tensor ``x`` of 3 entries, summed."""
+
+    secure_sum = "sum"
+
+    def expected_reply(self, plan, task):
+        return {"x": (3,)}
+
+
+def registered(nodes, *, extra: int = 0) -> tuple[dict[int, Identity], list[ec.EllipticCurvePrivateKey]]:
+    """An identity per node, each trusting every node's key; and ``extra`` keys no node trusts."""
+    private = {n: ec.generate_private_key(ec.SECP384R1()) for n in nodes}
+    trusted = frozenset(openssh_public(key.public_key()) for key in private.values())
+    return {n: Identity(key, trusted) for n, key in private.items()}, [ec.generate_private_key(ec.SECP384R1()) for _ in range(extra)]
+
+
+def test_authenticated_keys_give_the_same_sum_and_are_counted_in_the_round():
+    replies = {n: encode_reply({"x": torch.tensor([n, 2.0 * n, -1.0])}, 1, 0.0) for n in range(5)}
+    people = Clients(replies, identities=registered(replies)[0])
+    result = secure_sender(people.post, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
+    assert torch.allclose(result.updates[0].tensors["x"].double(), torch.tensor([10.0, 20.0, -5.0], dtype=torch.float64))
+    assert result.authenticated == 5 and not people.refusals
+    plain = secure_sender(Clients(replies).post, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
+    assert plain.authenticated == 0
+
+
+class Stop(Exception):
+    """The lying server has what it came for."""
+
+
+def swap_keys(identities: dict[int, Identity], lie: str) -> tuple[bytes | None, bytes, list[str]]:
+    """Finding: the server relays public keys, so it can give a client its own encryption key in place of
+    each neighbour's and open every share the client sends them. The server here lies to victim 0 (five
+    clients, every pair linked, threshold 4 of 5) in one of several ways, then rebuilds what it can of the
+    victim's self-mask seed from the shares it opened. Returns (rebuilt seed or None, the victim's seed
+    commitment, the clients' refusals)."""
+    replies = {n: encode_reply({"x": torch.ones(3)}, 1, 0.0) for n in range(5)}
+    people = Clients(replies, identities=identities)
+    spy_private, spy_public = masks.new_key_pair()
+    spy_identity = ec.generate_private_key(ec.SECP384R1())
+    victim, opened = 0, []
+
+    def lying_post(contents, kind):
+        stage = next(iter(contents.values())).config_records[RECORD]["stage"]
+        if stage == "share-keys":
+            request = contents[victim].config_records[RECORD]
+            others = [int(m) for m in request["neighbours"]]
+            if lie == "strip signatures":
+                del request["identity-keys"], request["identity-signatures"]
+            elif lie == "other node ids":  # each neighbour's true, signed keys, presented under the next neighbour's id
+                for kind_ in ("encryption-keys", "mask-keys", "signing-keys", "identity-keys", "identity-signatures"):
+                    request[kind_] = request[kind_][1:] + request[kind_][:1]
+            else:
+                request["encryption-keys"] = [spy_public] * len(others)
+                if lie == "own identity":  # signed, by a key the server holds but nobody registered
+                    keys = {"encryption-key": spy_public}
+                    request["identity-keys"] = [openssh_public(spy_identity.public_key())] * len(others)
+                    request["identity-signatures"] = [
+                        sign_keys(Identity(spy_identity, frozenset()), request["session"], m,
+                                  {**keys, "mask-key": request["mask-keys"][i], "signing-key": request["signing-keys"][i]})
+                        for i, m in enumerate(others)]
+        result = people.post(contents, kind)
+        if stage == "share-keys":
+            for node, reply in result.replies:
+                if node == victim:
+                    opened.extend(reply.config_records[RECORD]["shares"])
+            raise Stop
+        return result
+
+    with pytest.raises(Stop):
+        secure_sender(lying_post, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
+    setup = next(reply for node, stage, reply in people.answers if node == victim and stage == "setup").config_records[RECORD]
+    seed_shares = []
+    for ciphertext in opened:
+        try:
+            _, _, seed_share, _ = masks.open_shares(masks.shared_secret(spy_private, setup["encryption-key"]), ciphertext)
+        except Exception:  # not encrypted for the spy's key
+            continue
+        seed_shares.append(seed_share)
+    seed = masks.rebuild_secret(seed_shares) if len(seed_shares) >= 4 else None
+    return seed, setup["seed-commitment"], people.refusals
+
+
+def test_a_server_swapping_public_keys_opens_the_shares_unless_keys_are_authenticated():
+    seed, commitment, refusals = swap_keys({}, "swap")
+    assert seed is not None and masks.commitment(seed) == commitment and not refusals  # the attack, without identities
+    seed, _, refusals = swap_keys(registered(range(5))[0], "swap")
+    assert seed is None and len(refusals) == 1
+    assert re.fullmatch(r"secagg neighbour \d+'s keys do not verify against its SuperNode key for this round and node id", refusals[0])
+
+
+@pytest.mark.parametrize("lie, refusal", [
+    ("own identity", r"secagg neighbour \d+'s keys are signed by no registered SuperNode key"),
+    ("strip signatures", r"secagg neighbours' keys come without their SuperNode keys' signatures"),
+    ("other node ids", r"secagg neighbour \d+'s keys do not verify against its SuperNode key for this round and node id"),
+])
+def test_a_server_lying_about_signed_keys_is_refused(lie, refusal):
+    seed, _, refusals = swap_keys(registered(range(5))[0], lie)
+    assert seed is None and len(refusals) == 1 and re.match(refusal, refusals[0])
+
+
+def test_a_client_refuses_keys_signed_by_a_node_it_does_not_trust_or_twice_by_one():
+    """A fake client the server adds with a key of its own is refused; so is one node's key used for two neighbours."""
+    identities, (fake,) = registered(range(4), extra=1)
+    identities[4] = Identity(fake, identities[0].trusted | {openssh_public(fake.public_key())})  # it trusts itself
+    replies = {n: encode_reply({"x": torch.ones(3)}, 1, 0.0) for n in range(5)}
+    people = Clients(replies, identities=identities)
+    with pytest.raises(TooFewReplies):
+        secure_sender(people.post, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
+    assert sum("secagg neighbour 4's keys are signed by no registered SuperNode key" in r for r in people.refusals) == 4
+    twice = {**identities, 4: Identity(identities[3].private, identities[0].trusted)}
+    people = Clients(replies, identities=twice)
+    with pytest.raises(TooFewReplies):
+        secure_sender(people.post, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
+    assert any("signed by a key already used" in r for r in people.refusals)
+
+
+def test_the_environment_names_both_key_files_which_must_hold_matching_elliptic_curve_keys(tmp_path):
+    for i in (0, 1):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", f"node {i}", "-f", str(tmp_path / f"node-{i}")],
+                       check=True)
+    trusted = tmp_path / "trusted.pub"
+    trusted.write_text("# registered SuperNodes\n" + "".join((tmp_path / f"node-{i}.pub").read_text() for i in (0, 1)))
+    config = {"FEDCIL_SECAGG_IDENTITY_KEY": str(tmp_path / "node-0"), "FEDCIL_SECAGG_TRUSTED_KEYS": str(trusted)}
+    identity = identity_of(config)
+    assert identity is not None and len(identity.trusted) == 2 and identity.public in identity.trusted
+    assert identity_of({"HOME": "/root"}) is None
+    with pytest.raises(ConfigError, match="^FEDCIL_SECAGG_IDENTITY_KEY is set without FEDCIL_SECAGG_TRUSTED_KEYS"):
+        identity_of({"FEDCIL_SECAGG_IDENTITY_KEY": config["FEDCIL_SECAGG_IDENTITY_KEY"]})
+    with pytest.raises(ConfigError, match=f"^FEDCIL_SECAGG_IDENTITY_KEY={tmp_path}/missing: No such file"):
+        identity_of({**config, "FEDCIL_SECAGG_IDENTITY_KEY": str(tmp_path / "missing")})
+    (tmp_path / "other.pub").write_text((tmp_path / "node-1.pub").read_text())
+    with pytest.raises(ConfigError, match="does not hold the public key of FEDCIL_SECAGG_IDENTITY_KEY="):
+        identity_of({**config, "FEDCIL_SECAGG_TRUSTED_KEYS": str(tmp_path / "other.pub")})
+    (tmp_path / "bad.pub").write_text("ecdsa-sha2-nistp384 notbase64\n")
+    with pytest.raises(ConfigError, match="bad.pub line 1: not an OpenSSH public key"):
+        identity_of({**config, "FEDCIL_SECAGG_TRUSTED_KEYS": str(tmp_path / "bad.pub")})
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "ed")], check=True)
+    with pytest.raises(ConfigError, match="valid choices: an elliptic-curve key"):
+        identity_of({**config, "FEDCIL_SECAGG_IDENTITY_KEY": str(tmp_path / "ed")})

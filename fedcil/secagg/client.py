@@ -3,10 +3,12 @@
 1. ``setup``: the request is an ordinary round request; the client answers it (trains),
    keeps its reply as a vector, and sends only three fresh public keys (to encrypt shares,
    to agree on masks, to verify its signatures), a commitment to a fresh self-mask seed,
-   its reply's layout and the range exponent of each segment.
+   its reply's layout and the range exponent of each segment; with an :class:`Identity`,
+   the three keys signed with its SuperNode key (:mod:`fedcil.secagg.identity`).
 2. ``share-keys``: given its neighbours' public keys, it Shamir-shares its seed and its
    mask private key (its secret scalar) among itself and its neighbours, and sends each share encrypted for
-   its holder.
+   its holder; with an :class:`Identity`, only once every neighbour's keys are signed, for this
+   round and that neighbour, by a distinct trusted key other than its own.
 3. ``collect``: given the shares its neighbours sent it, it sends its encoded vector plus
    the self-mask and one pairwise mask per neighbour that shared keys.
 4. ``consistency``: given the set of clients that sent a vector (the survivors), it signs
@@ -33,6 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedcil.secagg import masks
 from fedcil.secagg.encoding import FixedPoint, range_exponent
+from fedcil.secagg.identity import SIGNED_KEYS, Identity, sign_keys, signed_by
 
 RECORD = "secagg"  # the ConfigRecord of every secure-aggregation request and reply
 VECTOR = "secagg-vector"  # the ArrayRecord a client keeps its vector in, and sends it masked in
@@ -119,8 +122,9 @@ def claim_exchange(content: RecordDict, state: RecordDict) -> None:
     done["digests"] = [*done["digests"], digest]
 
 
-def setup(request: ConfigRecord, answer: RecordDict, node: int, state: RecordDict) -> RecordDict:
-    """Stage 1: keep the plain reply ``answer`` as a vector; send keys, commitment, layout, ranges."""
+def setup(request: ConfigRecord, answer: RecordDict, node: int, state: RecordDict, identity: Identity | None = None) -> RecordDict:
+    """Stage 1: keep the plain reply ``answer`` as a vector; send keys (signed with ``identity``'s
+    key when given), commitment, layout, ranges."""
     names, sizes, vector = reply_vector(answer, bool(request["weighted"]))
     encryption_private, encryption_public = masks.new_key_pair()
     mask_private, mask_public = masks.new_key_pair()
@@ -135,14 +139,37 @@ def setup(request: ConfigRecord, answer: RecordDict, node: int, state: RecordDic
         "sizes": sizes,
     })
     state.array_records[VECTOR] = ArrayRecord({"values": Array(vector)})
+    keys = {"encryption-key": encryption_public, "mask-key": mask_public, "signing-key": signing_public}
+    if identity is not None:
+        keys |= {"identity-key": identity.public, "identity-signature": sign_keys(identity, request["session"], node, keys)}
     return RecordDict({RECORD: _reply(
-        request, **{"encryption-key": encryption_public, "mask-key": mask_public, "signing-key": signing_public,
-                    "seed-commitment": masks.commitment(seed), "names": names, "sizes": sizes, "exponents": exponents},
+        request, **keys, **{"seed-commitment": masks.commitment(seed), "names": names, "sizes": sizes, "exponents": exponents},
     )})
 
 
-def share_keys(request: ConfigRecord, state: RecordDict) -> RecordDict:
-    """Stage 2: Shamir-share the seed and the mask private key among the neighbours and this client."""
+def check_neighbour_keys(request: ConfigRecord, neighbours: list[int], identity: Identity) -> None:
+    """Refuse unless each neighbour's keys are signed, for this round and that neighbour, by a distinct trusted key
+    other than this node's own: keys the server made up or swapped, or one node's keys under two ids, fail."""
+    public, signatures = request.get("identity-keys"), request.get("identity-signatures")
+    if not isinstance(public, list) or not isinstance(signatures, list) or not len(public) == len(signatures) == len(neighbours):
+        raise ProtocolError("secagg neighbours' keys come without their SuperNode keys' signatures, which this node "
+                            "requires (FEDCIL_SECAGG_TRUSTED_KEYS)")
+    seen = {identity.public}
+    for index, neighbour in enumerate(neighbours):
+        keys = {name: request[f"{name}s"][index] for name in SIGNED_KEYS}
+        key = public[index]
+        if key not in identity.trusted or key in seen:
+            raise ProtocolError(f"secagg neighbour {neighbour}'s keys are signed by "
+                                f"{'no registered SuperNode key' if key not in identity.trusted else 'a key already used'}")
+        if not signed_by(key, signatures[index], request["session"], neighbour, keys):
+            raise ProtocolError(f"secagg neighbour {neighbour}'s keys do not verify against its SuperNode key "
+                                "for this round and node id")
+        seen.add(key)
+
+
+def share_keys(request: ConfigRecord, state: RecordDict, identity: Identity | None = None) -> RecordDict:
+    """Stage 2: Shamir-share the seed and the mask private key among the neighbours and this client
+    (with ``identity``, after :func:`check_neighbour_keys`)."""
     record = _state(state, request, "share-keys")
     node = int(record["node"])
     neighbours = [int(n) for n in request["neighbours"]]
@@ -152,8 +179,10 @@ def share_keys(request: ConfigRecord, state: RecordDict) -> RecordDict:
     if not (holders + 1) / 2 < threshold <= holders:
         raise ProtocolError(f"secagg threshold {threshold} for {holders} share holders; allowed: more than (holders + 1) / 2, "
                             "at most all")
-    if len(request["signing-keys"]) != len(neighbours):
-        raise ProtocolError("secagg signing keys are not one per neighbour")
+    if any(len(request[f"{kind}s"]) != len(neighbours) for kind in SIGNED_KEYS):
+        raise ProtocolError("secagg keys are not one per neighbour")
+    if identity is not None:
+        check_neighbour_keys(request, neighbours, identity)
     exponents = [int(e) for e in request["exponents"]]
     if len(exponents) != len(record["exponents"]) or any(e < own for e, own in zip(exponents, record["exponents"])):
         raise ProtocolError("secagg exponents do not cover this client's ranges")
@@ -246,17 +275,19 @@ def unmask(request: ConfigRecord, state: RecordDict) -> RecordDict:
     )})
 
 
-def respond(content: RecordDict, state: RecordDict, node: int, answer: Callable[[RecordDict], RecordDict]) -> RecordDict:
-    """A client's reply to a request: the plain ``answer`` unless the request is a secure-aggregation stage."""
+def respond(content: RecordDict, state: RecordDict, node: int, answer: Callable[[RecordDict], RecordDict],
+            identity: Identity | None = None) -> RecordDict:
+    """A client's reply to a request: the plain ``answer`` unless the request is a secure-aggregation stage
+    (whose keys are signed and checked with ``identity`` when given)."""
     if RECORD not in content.config_records:
         return answer(content)
     request = content.config_records[RECORD]
     stage = request.get("stage")
     if stage == "setup":
         claim_exchange(content, state)
-        return setup(request, answer(content), node, state)
+        return setup(request, answer(content), node, state, identity)
     if stage == "share-keys":
-        return share_keys(request, state)
+        return share_keys(request, state, identity)
     if stage == "collect":
         return collect(request, state)
     if stage == "consistency":

@@ -7,7 +7,9 @@
 # ServerApp, one beside each SuperNode its ClientApps, and each must prove a secret shared
 # with its SuperLink or SuperNode (executor authentication, --superexec-auth-secret-file)
 # before it is given a task. With -a, SuperNode authentication: each SuperNode gets an EC
-# key pair, and the SuperLink admits only the public keys registered with `flwr supernode register`.
+# key pair, and the SuperLink admits only the public keys registered with `flwr supernode register`;
+# each node's ClientApp also signs its secure-aggregation keys with that key and accepts only
+# peers' keys signed by a registered one (keys/trusted.pub; see docs/secure_aggregation.md).
 #
 #   bash scripts/deploy_local.sh [-n NODES] [-w WORKDIR] [-d DATA_DIR] [-x NODE_CONFIG] [-a] [OVERRIDE ...]
 #   bash scripts/deploy_local.sh -n 3 -a num_clients=3 dataset=fashion_mnist
@@ -25,7 +27,7 @@
 # give each host only its own secret. Exit code: 0 when the run finished completed.
 set -euo pipefail
 APP=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 nodes=3 work="" data_dir="" auth="" node_extra=""
 while getopts "n:w:d:x:ah" opt; do
   case $opt in
@@ -118,6 +120,7 @@ if [ -n "$auth" ]; then
     [ -e "$key" ] || ssh-keygen -q -t ecdsa -b 384 -N "" -C "" -f "$key"
     (cd "$work" && flwr supernode register "$key.pub" deployment --format json) > "$work/register-$i.json"
   done
+  cat "$work"/keys/supernode-*.pub > "$work/keys/trusted.pub"
 fi
 
 echo "== 4. $nodes SuperNodes over TLS, each with its partition${data_dir:+ and data dir $data_dir} and its SuperExec"
@@ -141,7 +144,8 @@ for ((i = 0; i < nodes; i++)); do
     kill -0 "${node_pids[i]}" 2>/dev/null || { cat "$work/supernode-$i.log" >&2; exit 1; }
     sleep 0.5
   done
-  start "clientapp-$i" flower-superexec --insecure --runtime-api-address "127.0.0.1:${node_ports[i]}" \
+  start "clientapp-$i" env ${auth:+FEDCIL_SECAGG_IDENTITY_KEY="$work/keys/supernode-$i" FEDCIL_SECAGG_TRUSTED_KEYS="$work/keys/trusted.pub"} \
+    flower-superexec --insecure --runtime-api-address "127.0.0.1:${node_ports[i]}" \
     --superexec-auth-secret-file "$work/secrets/supernode-$i" --parent-pid "${node_pids[i]}"
 done
 

@@ -38,6 +38,7 @@ def test_tls_deployment_with_supernode_auth_and_secure_aggregation_matches_the_l
     results = json.loads((work / "results" / "results.json").read_text())
     assert [r["clients"] for r in results["rounds"]] == [3, 3, 3, 3]
     assert all(r["bytes_up"] > 0 and not r["missing"] for r in results["rounds"])
+    assert [r["authenticated_keys"] for r in results["rounds"]] == [3, 3, 3, 3]  # signed with the SuperNode keys
     local = json.loads((launch("config", [*TINY, "backend=inprocess", f"output_dir={tmp_path / 'local'}"]) / "results.json").read_text())
     pairs = zip(sum(results["accuracy_matrix"], []), sum(local["accuracy_matrix"], []))
     assert all((a is None and b is None) or abs(a - b) <= 1.0 for a, b in pairs)

@@ -3,7 +3,8 @@
 The test starts its own Docker daemon (no bridge, no iptables, its own socket and data root),
 builds the base image from debootstrap (docker/base_image.sh) and the project image on it,
 brings up docker/compose.yml with the TLS, both authentication and host-network overlays on
-127.0.0.1, registers the SuperNodes' keys, submits `flwr run`, checks the run and its results,
+127.0.0.1, registers the SuperNodes' keys, submits `flwr run` (secure aggregation, its keys
+signed with the SuperNode keys), checks the run and its results,
 and takes everything down: the stack, the daemon (by its pid) and its data root.
 """
 
@@ -30,7 +31,8 @@ BIN = Path(sys.executable).parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 COMPOSE = ["compose.yml", "compose.host.yml", "compose.tls.yml", "compose.auth.yml", "compose.superexec-auth.yml"]
 RUN = "num_clients=2 dataset=fashion_mnist train_per_class=100 test_per_class=60 num_tasks=2 rounds_per_task=1 " \
-      "local_epochs=1 partition=iid evaluation=clients output_dir=/results/run1"
+      "local_epochs=1 partition=iid evaluation=clients output_dir=/results/run1 " \
+      "secagg.enabled=true replies.weighting=claimed replies.update_factor=null"
 
 
 def missing_requirement() -> str | None:
@@ -142,6 +144,7 @@ def test_compose_stack_with_tls_and_supernode_auth_runs_to_completion(tmp_path):
         (tmp_path / "keys").mkdir()
         for i in (0, 1):
             sh(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(tmp_path / "keys" / f"supernode-{i}")], env, 30)
+        (tmp_path / "keys" / "trusted.pub").write_text("".join((tmp_path / "keys" / f"supernode-{i}.pub").read_text() for i in (0, 1)))
         (tmp_path / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "docker"\n\n[superlink.docker]\naddress = "127.0.0.1:{ports["SUPERLINK_PORT"]}"\n'
             f'root-certificates = "{tmp_path / "certs" / "ca.crt"}"\n'
@@ -167,6 +170,7 @@ def test_compose_stack_with_tls_and_supernode_auth_runs_to_completion(tmp_path):
         results = json.loads((tmp_path / "results" / "run1" / "results.json").read_text())
         assert [r["clients"] for r in results["rounds"]] == [2, 2]
         assert all(not r["missing"] and r["bytes_up"] > 0 for r in results["rounds"])
+        assert [r["authenticated_keys"] for r in results["rounds"]] == [2, 2]  # secure sums of keys signed by the SuperNode keys
         assert len(results["accuracy_matrix"]) == 2 and results["accuracy_matrix"][1][1] > 0
         assert results["config"]["evaluation"] == "clients"
         logs = sh([*compose, "logs", "--no-color", "superlink"], env, 120)

@@ -54,12 +54,27 @@ def test_tls_and_auth_overlays_secure_every_connection_to_the_superlink():
     dialers = {"superlink", "serverapp", "supernode-0", "supernode-1"}
     for name in ("compose.tls.yml", "compose.auth.yml"):
         services = load(name)["services"]
-        assert all("--insecure" not in body["entrypoint"] for body in services.values()), name
+        assert all("--insecure" not in body.get("entrypoint", []) for body in services.values()), name
     assert set(load("compose.tls.yml")["services"]) == dialers
     auth = load("compose.auth.yml")["services"]
     assert "--enable-supernode-auth" in auth["superlink"]["entrypoint"]
     for node in ("supernode-0", "supernode-1"):
         assert any(a.startswith("--auth-supernode-private-key=") for a in auth[node]["entrypoint"])
+
+
+def test_auth_overlay_gives_each_node_and_its_executor_only_its_own_private_key_to_sign_secagg_keys():
+    """Each SuperNode and its ClientApp executor mount their node's private key and nothing else of the
+    keys folder (the executor also the registered public keys), read-only; the executor's environment
+    names them (fedcil.secagg.identity)."""
+    auth = load("compose.auth.yml")["services"]
+    for i in (0, 1):
+        own = f"${{KEYS_DIR:-./keys}}/supernode-{i}:/keys/identity:ro"
+        assert auth[f"supernode-{i}"]["volumes"] == [own]
+        assert "--auth-supernode-private-key=/keys/identity" in auth[f"supernode-{i}"]["entrypoint"]
+        executor = auth[f"clientapp-{i}"]
+        assert executor["volumes"] == [own, "${KEYS_DIR:-./keys}/trusted.pub:/keys/trusted.pub:ro"]
+        assert executor["environment"] == {"FEDCIL_SECAGG_IDENTITY_KEY": "/keys/identity",
+                                           "FEDCIL_SECAGG_TRUSTED_KEYS": "/keys/trusted.pub"}
 
 
 def test_host_overlay_puts_every_service_on_the_host_network_and_publishes_nothing():

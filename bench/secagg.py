@@ -8,7 +8,8 @@ ViT-B/16 scale: 48 adapted layers, CIFAR-100's head) are exchanged once plainly 
 through the five stages of secure aggregation, with the real client code answering each
 node's requests in this process. Scenarios: 10 clients, 50 clients (every client masks
 with every other), 50 clients in a SecAgg+ ring of 10 neighbours (threshold 2/3, the
-least a ring allows), and 50 clients of which
+least a ring allows), the same ring with keys signed by each node's SuperNode key and
+checked by its neighbours (:mod:`fedcil.secagg.identity`), and 50 clients of which
 2 drop out after sharing keys. Printed and written to ``bench/results/secagg-<time>.json``:
 
 - bytes up and down per client per round: protobuf sizes of every record sent;
@@ -37,6 +38,7 @@ from bench.lorm_merge import CLASSES, vit_b16_state
 from fedcil.config import compose_config
 from fedcil.protocol import ClientUpdate, encode_reply, encode_request
 from fedcil.secagg.client import respond
+from fedcil.secagg.identity import Identity, fresh_federation
 from fedcil.secagg.server import SecAggSettings
 from fedcil.tasks import split_for
 from server_app.federation import RoundExchange
@@ -45,11 +47,12 @@ from server_app.validation import ReplyLimits, checked
 from strategies import build_strategy
 
 LIMITS = ReplyLimits(max_examples=10_000_000, max_norm=1e13)
-SCENARIOS = {  # name: (clients, secure-aggregation settings, clients dropping after sharing keys)
-    "10 clients": (10, SecAggSettings(True), 0),
-    "50 clients": (50, SecAggSettings(True), 0),
-    "50, ring of 10": (50, SecAggSettings(True, num_neighbours=10, threshold=2 / 3), 0),
-    "50, 2 drop out": (50, SecAggSettings(True), 2),
+SCENARIOS = {  # name: (clients, secure-aggregation settings, clients dropping after sharing keys, keys signed)
+    "10 clients": (10, SecAggSettings(True), 0, False),
+    "50 clients": (50, SecAggSettings(True), 0, False),
+    "50, ring of 10": (50, SecAggSettings(True, num_neighbours=10, threshold=2 / 3), 0, False),
+    "50, ring of 10, signed keys": (50, SecAggSettings(True, num_neighbours=10, threshold=2 / 3), 0, True),
+    "50, 2 drop out": (50, SecAggSettings(True), 2, False),
 }
 
 
@@ -67,10 +70,11 @@ def random_replies(shapes: dict[str, tuple[int, ...]], clients: int) -> dict[int
 
 
 class TimedClients:
-    """The real client protocol answering in memory, timed; ``leaving`` nodes go after sharing keys."""
+    """The real client protocol answering in memory, timed; ``leaving`` nodes go after sharing keys;
+    nodes with ``identities`` sign and check keys."""
 
-    def __init__(self, replies: dict[int, RecordDict], leaving: set[int]) -> None:
-        self.replies, self.leaving = replies, leaving
+    def __init__(self, replies: dict[int, RecordDict], leaving: set[int], identities: dict[int, Identity]) -> None:
+        self.replies, self.leaving, self.identities = replies, leaving, identities
         self.states = {node: RecordDict() for node in replies}
         self.seconds = 0.0  # in the client protocol
         self.measuring = 0.0  # in counting bytes (not part of a round)
@@ -84,7 +88,7 @@ class TimedClients:
                 result.failed[node] = "dropped out"
                 continue
             start = time.perf_counter()
-            reply = respond(content, self.states[node], node, lambda _, n=node: self.replies[n])
+            reply = respond(content, self.states[node], node, lambda _, n=node: self.replies[n], self.identities.get(node))
             self.seconds += time.perf_counter() - start
             start = time.perf_counter()
             result.bytes_up += size(reply)
@@ -103,14 +107,14 @@ def measure_method(method: str, rank: int) -> dict:
     shapes = strategy.expected_reply(plan, 0)
     request = size(encode_request(plan, 0, 0))
     figures = {"entries": sum(int(np.prod(s)) for s in shapes.values())}
-    for name, (clients, settings, dropping) in SCENARIOS.items():
+    for name, (clients, settings, dropping, signed) in SCENARIOS.items():
         replies = random_replies(shapes, clients)
         start = time.perf_counter()
         updates = [checked(ClientUpdate(n, r.array_records["update"].to_torch_state_dict(), 100 + n, 1.0), shapes, LIMITS)
                    for n, r in replies.items()]
         strategy.aggregate_round(0, 0, updates)
         plain_server = time.perf_counter() - start
-        people = TimedClients(replies, set(range(dropping)))
+        people = TimedClients(replies, set(range(dropping)), fresh_federation(replies) if signed else {})
         start = time.perf_counter()
         result = secure_sender(people.post, strategy, settings, LIMITS, 1)(plan, 0, 0, sorted(replies))
         strategy.aggregate_round(0, 0, result.updates)

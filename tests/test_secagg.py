@@ -27,7 +27,7 @@ from fedcil.protocol import ClientUpdate, RoundPlan, encode_reply
 from fedcil.secagg import masks
 from fedcil.secagg.client import RECORD, SET_UP, VECTOR, ProtocolError, pairwise_sign, reply_vector, respond
 from fedcil.secagg.encoding import FixedPoint, range_exponent
-from fedcil.secagg.identity import Identity, identity_of, openssh_public, sign_keys
+from fedcil.secagg.identity import Identity, fresh_federation, identity_of, openssh_public, sign_keys
 from fedcil.secagg.server import SecAggSettings, neighbourhoods, outlying_exponents, rebuild_checked, threshold_of, tolerated_tampering
 from fedcil.settings import check_settings
 from fedcil.shapes import declared_shape
@@ -627,16 +627,9 @@ class One:
         return {"x": (3,)}
 
 
-def registered(nodes, *, extra: int = 0) -> tuple[dict[int, Identity], list[ec.EllipticCurvePrivateKey]]:
-    """An identity per node, each trusting every node's key; and ``extra`` keys no node trusts."""
-    private = {n: ec.generate_private_key(ec.SECP384R1()) for n in nodes}
-    trusted = frozenset(openssh_public(key.public_key()) for key in private.values())
-    return {n: Identity(key, trusted) for n, key in private.items()}, [ec.generate_private_key(ec.SECP384R1()) for _ in range(extra)]
-
-
 def test_authenticated_keys_give_the_same_sum_and_are_counted_in_the_round():
     replies = {n: encode_reply({"x": torch.tensor([n, 2.0 * n, -1.0])}, 1, 0.0) for n in range(5)}
-    people = Clients(replies, identities=registered(replies)[0])
+    people = Clients(replies, identities=fresh_federation(replies))
     result = secure_sender(people.post, One(), SecAggSettings(True), LIMITS, 1)(RoundPlan({}, ()), 0, 0, sorted(replies))
     assert torch.allclose(result.updates[0].tensors["x"].double(), torch.tensor([10.0, 20.0, -5.0], dtype=torch.float64))
     assert result.authenticated == 5 and not people.refusals
@@ -704,7 +697,7 @@ def swap_keys(identities: dict[int, Identity], lie: str) -> tuple[bytes | None, 
 def test_a_server_swapping_public_keys_opens_the_shares_unless_keys_are_authenticated():
     seed, commitment, refusals = swap_keys({}, "swap")
     assert seed is not None and masks.commitment(seed) == commitment and not refusals  # the attack, without identities
-    seed, _, refusals = swap_keys(registered(range(5))[0], "swap")
+    seed, _, refusals = swap_keys(fresh_federation(range(5)), "swap")
     assert seed is None and len(refusals) == 1
     assert re.fullmatch(r"secagg neighbour \d+'s keys do not verify against its SuperNode key for this round and node id", refusals[0])
 
@@ -715,13 +708,13 @@ def test_a_server_swapping_public_keys_opens_the_shares_unless_keys_are_authenti
     ("other node ids", r"secagg neighbour \d+'s keys do not verify against its SuperNode key for this round and node id"),
 ])
 def test_a_server_lying_about_signed_keys_is_refused(lie, refusal):
-    seed, _, refusals = swap_keys(registered(range(5))[0], lie)
+    seed, _, refusals = swap_keys(fresh_federation(range(5)), lie)
     assert seed is None and len(refusals) == 1 and re.match(refusal, refusals[0])
 
 
 def test_a_client_refuses_keys_signed_by_a_node_it_does_not_trust_or_twice_by_one():
     """A fake client the server adds with a key of its own is refused; so is one node's key used for two neighbours."""
-    identities, (fake,) = registered(range(4), extra=1)
+    identities, fake = fresh_federation(range(4)), ec.generate_private_key(ec.SECP384R1())
     identities[4] = Identity(fake, identities[0].trusted | {openssh_public(fake.public_key())})  # it trusts itself
     replies = {n: encode_reply({"x": torch.ones(3)}, 1, 0.0) for n in range(5)}
     people = Clients(replies, identities=identities)

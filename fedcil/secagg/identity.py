@@ -19,7 +19,7 @@ isolation, the node's ``flower-superexec``: where the files are) turn it on, bot
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +44,13 @@ class Identity:
     @property
     def public(self) -> bytes:
         return openssh_public(self.private.public_key())
+
+
+def fresh_federation(nodes: Iterable[int]) -> dict[int, Identity]:
+    """A new key per node, every node trusting every node's key: a registered federation in memory."""
+    private = {node: ec.generate_private_key(ec.SECP384R1()) for node in nodes}
+    trusted = frozenset(openssh_public(key.public_key()) for key in private.values())
+    return {node: Identity(key, trusted) for node, key in private.items()}
 
 
 def openssh_public(key: ec.EllipticCurvePublicKey) -> bytes:

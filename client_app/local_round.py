@@ -58,16 +58,19 @@ def gram_views(cfg: DictConfig, seed: int) -> Callable[[torch.Tensor], torch.Ten
 
 @torch.no_grad()
 def head_features(
-    model: FCILModel, experiment: Experiment, indices: np.ndarray, batch_size: int, device: torch.device
+    model: FCILModel, experiment: Experiment, indices: np.ndarray, batch_size: int, device: torch.device, raw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the head sees for the images ``indices`` (float64, on the CPU) and their labels (task split's)."""
+    """What the head sees for the images ``indices`` (float64, on the CPU; with ``raw``, the features before
+    the standardiser and random feature map) and their labels (task split's)."""
     model.to(device).eval()
+    extract = model.raw_features if raw else model.head_inputs
     features, labels = [], []
-    for images, raw in iterate_batches(experiment.data.train, indices, batch_size):
-        features.append(model.head_inputs(images.to(device)).to(torch.float64).cpu())
-        labels.append(experiment.label_map[raw])
+    for images, classes in iterate_batches(experiment.data.train, indices, batch_size):
+        features.append(extract(images.to(device)).to(torch.float64).cpu())
+        labels.append(experiment.label_map[classes])
     if not features:
-        return torch.zeros(0, model.head.in_features, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+        width = model.raw_width if raw else model.head.in_features
+        return torch.zeros(0, width, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
     return torch.cat(features), torch.cat(labels)
 
 

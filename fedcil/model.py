@@ -55,18 +55,50 @@ def lora_target_regex(targets: list[str], blocks: list[int] | None) -> str:
     return rf".*blocks\.({block})\.({kinds})$"
 
 
+def check_feature_blocks(blocks: list[int], depth: int) -> tuple[int, ...]:
+    """``blocks`` as a tuple, refused with one line unless distinct block indices of a ``depth``-block backbone."""
+    chosen = tuple(int(b) for b in blocks)
+    if not chosen or len(set(chosen)) != len(chosen) or any(not 0 <= b < depth for b in chosen):
+        raise ConfigError(f"method.blocks={list(blocks)} is not a non-empty list of distinct block indices; "
+                          f"valid choices: {list(range(depth))} (or null: the backbone's pooled features)")
+    return chosen
+
+
+class Standardiser(nn.Module):
+    """``(h - shift) * scale`` per feature; ``shift`` and ``scale`` are exchanged (``standardise.shift``,
+    ``standardise.scale``) but never trained. Built as the identity."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(width), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(width), requires_grad=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.shift) * self.scale
+
+
 class FCILModel(nn.Module):
     """Resize + normalise, frozen backbone (with LoRA), optional random feature map, linear head.
 
     With ``projection_dim = M > 0`` the head sees ``ReLU(R h)`` instead of the backbone's
     features ``h``, for a fixed random ``R`` (``M x d``, drawn from torch's global RNG:
-    callers seed it), as RanPAC does before its analytic classifier.
+    callers seed it), as RanPAC does before its analytic classifier. With ``feature_blocks``
+    ``h`` is instead the standardised CLS and mean patch tokens of those blocks (see
+    :meth:`block_features`); the standardiser's shift and scale travel with the trainable state.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, img_size: int, projection_dim: int = 0) -> None:
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, img_size: int, projection_dim: int = 0,
+        feature_blocks: list[int] | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         width = backbone.num_features
+        self.feature_blocks = None if feature_blocks is None else check_feature_blocks(feature_blocks, len(backbone.blocks))
+        if self.feature_blocks is not None:
+            width = 2 * width * len(self.feature_blocks)
+            self.standardise = Standardiser(width)
+        self.raw_width = width  # of raw_features
         if projection_dim > 0:
             self.register_buffer("projection", torch.randn(projection_dim, width))
             width = projection_dim
@@ -83,15 +115,34 @@ class FCILModel(nn.Module):
         self.original_weights: dict[str, torch.Tensor] = {}  # W0 of layers whose base was changed
         self.initial_state: dict[str, torch.Tensor] = {}  # the trainable state as built (set by build_model)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features of images in [0, 1] at any resolution."""
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] at any resolution, resized and normalised for the backbone."""
         if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
             images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        return self.backbone((images - self.mean) / self.std)
+        return (images - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of images in [0, 1] at any resolution."""
+        return self.backbone(self.prepare(images))
+
+    def block_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Per block of ``feature_blocks`` (in order), its output's CLS token and mean patch token, concatenated
+        (``2 x width x len(feature_blocks)`` features, before the standardiser)."""
+        tokens = self.backbone.forward_intermediates(
+            self.prepare(images), indices=list(self.feature_blocks), return_prefix_tokens=True, norm=False,
+            output_fmt="NLC", intermediates_only=True,
+        )
+        return torch.cat([torch.cat([prefix[:, 0], patches.mean(dim=1)], dim=1) for patches, prefix in tokens], dim=1)
+
+    def raw_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The features before the standardiser and random feature map: the block features, or the backbone's."""
+        return self.features(images) if self.feature_blocks is None else self.block_features(images)
 
     def head_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """What the head sees: the features, or ``ReLU(R h)`` with a random feature map."""
-        features = self.features(images)
+        """What the head sees: the features (standardised block features), through ``ReLU(R .)`` with a random feature map."""
+        features = self.raw_features(images)
+        if self.feature_blocks is not None:
+            features = self.standardise(features)
         return features if self.projection is None else F.relu(features @ self.projection.T)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -170,8 +221,13 @@ def init_head(head: nn.Linear, scheme: str) -> None:
         nn.init.zeros_(head.bias)
 
 
-def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, in_chans: int, image_size: int, seed: int) -> FCILModel:
-    """Create the backbone, freeze it, add LoRA and a head: all deterministic from ``seed``."""
+def build_model(
+    model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, in_chans: int, image_size: int, seed: int,
+    feature_blocks: list[int] | None = None,
+) -> FCILModel:
+    """Create the backbone, freeze it, add LoRA and a head: all deterministic from ``seed``.
+
+    ``feature_blocks``: the head sees those blocks' standardised tokens (``method.blocks`` of ``analytic``)."""
     blocks = None if lora_cfg.blocks is None else list(lora_cfg.blocks)
     lora = LoraConfig(
         r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
@@ -185,7 +241,8 @@ def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, i
             backbone = inject_adapter_in_model(lora, backbone)
         except ValueError as exc:
             raise ConfigError(f"no LoRA target matched (lora.blocks={blocks}): {str(exc).splitlines()[0]}") from None
-        model = FCILModel(backbone, num_classes, model_img_size(model_cfg, image_size), int(model_cfg.projection_dim))
+        model = FCILModel(backbone, num_classes, model_img_size(model_cfg, image_size), int(model_cfg.projection_dim),
+                          feature_blocks)
         init_head(model.head, str(model_cfg.head_init))
     model.initial_state = get_trainable_state(model)
     model.eval()
@@ -193,13 +250,13 @@ def build_model(model_cfg: DictConfig, lora_cfg: DictConfig, num_classes: int, i
 
 
 def trainable_parameters(model: FCILModel) -> dict[str, nn.Parameter]:
-    """The adapter factors and head parameters under their exchange names."""
+    """The adapter factors, head parameters (and the standardiser's, if any) under their exchange names."""
     params: dict[str, nn.Parameter] = {}
     for name, param in model.named_parameters():
         match = _PEFT_NAME.match(name)
         if match:
             params[f"{match['module']}.{match['factor']}"] = param
-        elif name.startswith("head."):
+        elif name.startswith(("head.", "standardise.")):
             params[name] = param
     return params
 
@@ -260,10 +317,17 @@ def set_trainable_state(model: FCILModel, state: dict[str, torch.Tensor]) -> Non
             params[name].copy_(value)
 
 
+def feature_blocks_of(cfg: DictConfig) -> list[int] | None:
+    """The blocks whose tokens the head sees: ``method.blocks`` where the method has it (``analytic``), else None."""
+    blocks = OmegaConf.select(cfg, "method.blocks")
+    return None if blocks is None else [int(b) for b in blocks]
+
+
 @lru_cache(maxsize=2)
 def _cached_model(key: str) -> FCILModel:
     spec = json.loads(key)
-    return build_model(OmegaConf.create(spec["model"]), OmegaConf.create(spec["lora"]), **spec["shape"])
+    return build_model(OmegaConf.create(spec["model"]), OmegaConf.create(spec["lora"]), **spec["shape"],
+                       feature_blocks=spec["feature_blocks"])
 
 
 def model_for(cfg: DictConfig, num_classes: int, in_chans: int, image_size: int) -> FCILModel:
@@ -274,6 +338,7 @@ def model_for(cfg: DictConfig, num_classes: int, in_chans: int, image_size: int)
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "lora": OmegaConf.to_container(cfg.lora, resolve=True),
             "shape": {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size, "seed": cfg.seed},
+            "feature_blocks": feature_blocks_of(cfg),
         },
         sort_keys=True,
     )

@@ -21,6 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_INITS = ("torch", "timm")
 WEIGHTINGS = ("bounded", "claimed", "capped", "uniform")  # replies.weighting (server_app/influence.py)
 SUMS_OF_STATISTICS = ("lorm", "analytic")  # methods whose replies are statistics, not trained tensors
+ANALYTIC_RIDGES = ("gcv",)  # method.ridge of analytic besides a number >= 0: chosen by the server (strategies/analytic.py)
 DP_METHODS = ("fedavg_lora", "ffa_lora", "head_only")  # methods whose merge is an average of trained tensors: dp
 CHOICES = {
     "backend": ("flower", "inprocess"),
@@ -197,13 +198,30 @@ def check_differential_privacy(cfg: DictConfig) -> None:
                           f"1/num_clients={1 / cfg.num_clients:.3g} (else publishing one client's data fits the bound)")
 
 
+def check_analytic(cfg: DictConfig) -> None:
+    """``method.ridge`` (a number >= 0 or ``gcv``) and ``method.blocks`` (null or a list of distinct integers;
+    the model checks them against the backbone's depth)."""
+    ridge = cfg.method.ridge
+    if ridge not in ANALYTIC_RIDGES and not at_least(0, float).allows(ridge):
+        raise ConfigError(f"method.ridge={ridge!r} is out of range; allowed: {', '.join(ANALYTIC_RIDGES)} or a number >= 0")
+    blocks = OmegaConf.to_container(cfg.method, resolve=True).get("blocks")
+    if blocks is not None and (not isinstance(blocks, list) or not blocks or len(set(blocks)) != len(blocks)
+                               or not all(at_least(0).allows(b) for b in blocks)):
+        raise ConfigError(f"method.blocks={blocks!r} is not valid; allowed: null (the backbone's pooled features) or a "
+                          "non-empty list of distinct block indices >= 0, e.g. [0, 1, 2, 3]")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Raise a one-line :class:`ConfigError` for the first setting outside its choices or range."""
     for key, valid in CHOICES.items():
         if OmegaConf.select(cfg, key) not in valid:
             raise choices_error(key, OmegaConf.select(cfg, key), list(valid))
+    if cfg.method.name == "analytic":
+        check_analytic(cfg)
     for key, allowed in RANGES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
+        if cfg.method.name == "analytic" and key == "method.ridge" and value in ANALYTIC_RIDGES:
+            continue
         if value != "__absent__" and not allowed.allows(value):
             raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed.describe()}")
     if cfg.replies.clip_norm is not None and cfg.method.name in SUMS_OF_STATISTICS:

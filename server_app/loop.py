@@ -297,7 +297,7 @@ def run_rounds(post: Post, nodes: list[int], cfg: DictConfig, started: float | N
                 if last:
                     accuracy_matrix.append(per_task + [None] * (num_tasks - task - 1))
             record = round_record(task, round_in_task, result, accuracy, time.monotonic() - round_start, privacy)
-            rounds.append(record | privacy.record(len(rounds) + 1))
+            rounds.append(record | strategy.record() | privacy.record(len(rounds) + 1))
             if cfg.checkpoint:
                 tensors, values = strategy.checkpoint()
                 save_checkpoint(output_dir, Checkpoint(

@@ -48,9 +48,10 @@ inputs over the client's current-task data (and of the head's, under ``head``, u
 ``head_alpha`` is None)."""
 
 
-HeadFeatures = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
-"""``head_features()``: what the head sees for each of the client's current-task images
-(``n x d`` float64) and their labels (the task split's numbering)."""
+HeadFeatures = Callable[[bool], "tuple[torch.Tensor, torch.Tensor]"]
+"""``head_features(raw)``: what the head sees for each of the client's current-task images
+(``n x d`` float64; with ``raw``, the features before the model's standardiser and random
+feature map) and their labels (the task split's numbering)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,10 @@ class FederatedStrategy(ABC):
         (with the numerators pre-multiplied by each) and its ``n_k``-scaled tensors. The server's
         influence bounds (:mod:`server_app.influence`) check and scale them. None by default."""
         return WeightedSums()
+
+    def record(self) -> dict:
+        """JSON-able values of the latest merge for the round's entry of ``results.json`` (none by default)."""
+        return {}
 
     def evaluation_state(self) -> TensorDict:
         """The trainable state the server evaluates (default: the current global state)."""

@@ -125,13 +125,19 @@ def micro_strategy(method: str):
 
 def random_replies(shapes: dict[str, tuple[int, ...]], nodes: range, rng: np.random.Generator) -> dict[int, tuple[dict[str, torch.Tensor], int, float]]:
     """Per node, tensors of ``shapes``, a count and a loss. Tensors span orders of magnitude from
-    one name to the next and vary 100-fold between nodes (Grams positive semi-definite)."""
+    one name to the next and vary 100-fold between nodes (Grams positive semi-definite; analytic's
+    moments ``S``, ``Q`` those of 64 zero-mean rows, as an honest client's are)."""
     scales = {name: 10.0 ** rng.uniform(-4, 6) for name in shapes}
     replies = {}
     for node in nodes:
         tensors = {}
+        if {"S", "Q"} <= set(shapes):
+            rows = rng.standard_normal((64, shapes["S"][0])) * (scales["Q"] * 10.0 ** rng.uniform(-1, 1)) ** 0.5
+            tensors["S"], tensors["Q"] = (torch.tensor(v, dtype=torch.float32) for v in (rows.sum(0), (rows**2).sum(0)))
         for name, shape in sorted(shapes.items()):
             scale = scales[name] * 10.0 ** rng.uniform(-1, 1)
+            if name in tensors:
+                continue
             if name.endswith((".G", ".S")) or name == "G":
                 rows = rng.standard_normal((2 * shape[0], shape[0]))
                 value = (rows.T @ rows) * scale if len(shape) == 2 else rng.uniform(0, scale, shape)

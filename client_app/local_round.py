@@ -127,9 +127,10 @@ def run_local_round(
 
 
 def answer_request(cfg: DictConfig, content: RecordDict, partition_id: int, num_partitions: int) -> RecordDict:
-    """The reply records to one request's records: what a ClientApp sends back."""
-    tensors, num_examples, loss = run_local_round(cfg, decode_request(content), partition_id, num_partitions)
-    return encode_reply(tensors, num_examples, loss)
+    """The reply records to one request's records: what a ClientApp sends back (Grams packed as the request asks)."""
+    request = decode_request(content)
+    tensors, num_examples, loss = run_local_round(cfg, request, partition_id, num_partitions)
+    return encode_reply(tensors, num_examples, loss, request.packing)
 
 
 def answer(job: NodeJob, content: RecordDict) -> RecordDict:

@@ -5,30 +5,108 @@ Request (server -> client) ``RecordDict``:
     ``base``   ArrayRecord   optional: what to add to the frozen ``W0`` of adapted layers,
                              per layer either ``<layer>.delta`` (dense) or the factors
                              ``<layer>.U`` and ``<layer>.V`` of ``delta = U V``
-    ``config`` ConfigRecord  ``task``, ``round`` (within the task, from 0), ``train-groups``
-                             and the plan's extras (``evaluate``, ``statistics``)
+    ``config`` ConfigRecord  ``task``, ``round`` (within the task, from 0), ``train-groups``,
+                             the plan's extras (``evaluate``, ``statistics``) and, when the
+                             reply carries square Grams, ``packed-grams`` and ``gram-dtype``
 Reply (client -> server) ``RecordDict``:
     ``update``  ArrayRecord  the trained tensors of the requested groups, the method's
-                             statistics, or evaluation counts (``eval.correct``, ``eval.count``)
+                             statistics, or evaluation counts (``eval.correct``, ``eval.count``);
+                             each Gram named in ``packed-grams`` as its upper triangle, row by
+                             row (``d (d + 1) / 2`` entries), no wider than ``gram-dtype``
     ``metrics`` MetricRecord ``num-examples``, ``train-loss``
+
+A Gram is symmetric, so its upper triangle holds all of it: packing halves a dense Gram's
+bytes, and ``gram-dtype = float32`` halves them again. The server unpacks every reply into
+square float64 matrices before anything checks or merges it (:meth:`Packing.unpack`); a sum of
+packed triangles is the packed triangle of the sum, so secure aggregation sums them packed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedcil.errors import choices_error
+
 TensorDict = dict[str, torch.Tensor]
 Shapes = dict[str, tuple[int, ...]]
 EVAL_CORRECT, EVAL_COUNT = "eval.correct", "eval.count"  # an evaluation reply's tensors: per-task counts
+PACKED_GRAMS, GRAM_DTYPE = "packed-grams", "gram-dtype"  # a request's config keys of its Packing
+GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+"""``replies.gram_dtype``: the widest dtype a packed Gram travels in (one computed narrower keeps its own)."""
 
 
 def param_group(name: str) -> str:
     """``lora_A``, ``lora_B`` or ``head`` for an exchange name (``blocks.0.attn.qkv.lora_A``, ``head.weight``)."""
     return name.rsplit(".", 1)[-1] if ".lora_" in name else "head"
+
+
+def packed_length(size: int) -> int:
+    """Entries of the upper triangle (diagonal included) of a ``size x size`` matrix."""
+    return size * (size + 1) // 2
+
+
+def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of the square ``matrix``, row by row, in its dtype."""
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"cannot pack a tensor of shape {tuple(matrix.shape)}: not a square matrix")
+    return matrix[torch.ones(matrix.shape, dtype=torch.bool).triu()]
+
+
+def unpack_upper(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric float64 matrix whose upper triangle, row by row, is ``packed`` (its size follows from
+    the length; ValueError when the length is no ``d (d + 1) / 2``)."""
+    length = packed.numel()
+    size = (math.isqrt(8 * length + 1) - 1) // 2
+    if packed.dim() != 1 or packed_length(size) != length or not packed.is_floating_point():
+        raise ValueError(f"a packed Gram of {packed.dtype} {tuple(packed.shape)} is no floating upper triangle "
+                         "(d (d + 1) / 2 entries)")
+    upper = torch.ones(size, size, dtype=torch.bool).triu()
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    matrix[upper] = packed.to(torch.float64)
+    return torch.where(upper, matrix, matrix.T)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Which tensors of a reply travel as packed upper triangles (its square Grams), and the widest dtype they take.
+
+    The server derives it from what the method declares (:meth:`of`) and sends it with the request.
+    """
+
+    grams: tuple[str, ...] = ()
+    dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in GRAM_DTYPES:
+            raise choices_error("gram dtype", self.dtype, list(GRAM_DTYPES))
+
+    @classmethod
+    def of(cls, sums: WeightedSums, expected: Shapes, dtype: str) -> Packing:
+        """The square matrices among the Grams ``sums`` declares in a reply of shapes ``expected``."""
+        square = [k for k in sums.grams if len(expected.get(k, ())) == 2 and expected[k][0] == expected[k][1]]
+        return cls(tuple(sorted(square)), dtype)
+
+    def wire_shapes(self, expected: Shapes) -> Shapes:
+        """The shapes of a reply's tensors as they travel: a packed Gram of ``d x d`` as ``d (d + 1) / 2`` entries."""
+        return {k: (packed_length(s[0]),) if k in self.grams else s for k, s in expected.items()}
+
+    def pack(self, tensors: TensorDict) -> TensorDict:
+        """``tensors`` as a client sends them: each Gram packed, rounded to ``dtype`` where it is wider."""
+        wire = GRAM_DTYPES[self.dtype]
+
+        def narrowed(t: torch.Tensor) -> torch.Tensor:
+            return t.to(wire) if torch.finfo(t.dtype).bits > torch.finfo(wire).bits else t
+
+        return {k: narrowed(pack_upper(v)) if k in self.grams else v for k, v in tensors.items()}
+
+    def unpack(self, tensors: TensorDict) -> TensorDict:
+        """``tensors`` as received with each packed Gram square (float64) again; ValueError for a malformed one."""
+        return {k: unpack_upper(v) if k in self.grams else v for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -39,12 +117,14 @@ class RoundPlan:
     ``lora_B``, ``head``); clients reply with the trained tensors of those groups, unless
     ``extra`` asks for an evaluation (``evaluate``) or for a method's statistics
     (``statistics``: a kind the method's strategy names and its client hook computes).
+    ``packing`` names the reply's Grams that travel packed (set by the server's sender).
     """
 
     state: TensorDict
     train_groups: tuple[str, ...]
     extra: dict[str, int | float | str | bool] = field(default_factory=dict)
     base: TensorDict = field(default_factory=dict)
+    packing: Packing = Packing()
 
     @property
     def evaluates(self) -> bool:
@@ -67,6 +147,7 @@ class TrainRequest:
     train_groups: tuple[str, ...]
     extra: dict
     base: TensorDict = field(default_factory=dict)
+    packing: Packing = Packing()
 
 
 @dataclass(frozen=True)
@@ -114,6 +195,8 @@ def content_sum(tensors: TensorDict) -> float:
 def encode_request(plan: RoundPlan, task: int, round_in_task: int) -> RecordDict:
     """The request RecordDict for one round (``round_in_task`` counts from 0 within ``task``)."""
     config = {"task": task, "round": round_in_task, "train-groups": list(plan.train_groups), **plan.extra}
+    if plan.packing.grams:
+        config |= {PACKED_GRAMS: list(plan.packing.grams), GRAM_DTYPE: plan.packing.dtype}
     records = {"state": ArrayRecord(plan.state), "config": ConfigRecord(config)}
     if plan.base:
         records["base"] = ArrayRecord({k: v.float() for k, v in plan.base.items()})
@@ -130,6 +213,7 @@ def decode_request(content: RecordDict) -> TrainRequest:
         train_groups=tuple(config.pop("train-groups")),
         extra=config,
         base=content.array_records["base"].to_torch_state_dict() if "base" in content.array_records else {},
+        packing=Packing(tuple(config.pop(PACKED_GRAMS, [])), str(config.pop(GRAM_DTYPE, "float64"))),
     )
 
 
@@ -142,25 +226,26 @@ def unpack_base(base: TensorDict) -> TensorDict:
     return deltas
 
 
-def encode_reply(tensors: TensorDict, num_examples: int, loss: float) -> RecordDict:
-    """The reply RecordDict of one client."""
+def encode_reply(tensors: TensorDict, num_examples: int, loss: float, packing: Packing = Packing()) -> RecordDict:
+    """The reply RecordDict of one client (its Grams packed as the request's ``packing`` says)."""
     return RecordDict(
         {
-            "update": ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()}),
+            "update": ArrayRecord(packing.pack({k: v.detach().cpu() for k, v in tensors.items()})),
             "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(loss)}),
         }
     )
 
 
-def decode_reply(node_id: int, content: RecordDict) -> ClientUpdate:
-    """Parse a reply RecordDict (raises when a part is missing; ``num-examples`` kept as sent).
+def decode_reply(node_id: int, content: RecordDict, packing: Packing = Packing()) -> ClientUpdate:
+    """Parse a reply RecordDict, its packed Grams made square (raises when a part is missing or a
+    packed Gram is no triangle; ``num-examples`` kept as sent).
 
     Nothing here trusts the sender: :mod:`server_app.validation` checks the result.
     """
     metrics = content.metric_records["metrics"]
     return ClientUpdate(
         node_id=node_id,
-        tensors=content.array_records["update"].to_torch_state_dict(),
+        tensors=packing.unpack(content.array_records["update"].to_torch_state_dict()),
         num_examples=metrics["num-examples"],  # type: ignore[arg-type]  # checked by the validator
         loss=float(metrics["train-loss"]),
     )

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedcil.shapes import declared_shape
 from fedcil.errors import ConfigError, choices_error
+from fedcil.protocol import GRAM_DTYPES
 from fedcil.tasks import split_for
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -31,6 +32,7 @@ CHOICES = {
     "precision": PRECISIONS,
     "model.head_init": HEAD_INITS,
     "replies.weighting": WEIGHTINGS,
+    "replies.gram_dtype": tuple(GRAM_DTYPES),
     "secagg.enabled": (True, False),
     "secagg.modulus_bits": (32, 64),
     "dp.enabled": (True, False),

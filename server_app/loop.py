@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from fedcil.config import chooses_num_clients, compose_config, to_container
 from fedcil.shapes import declared_shape
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.model import FCILModel, model_for, resolve_device, set_base_deltas, set_sent_state
-from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, RoundPlan, canonical_order, encode_request
+from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, Packing, RoundPlan, canonical_order, encode_request
 from fedcil.results import finish_run, resolve_output_dir
 from fedcil.settings import check_settings, evaluates_every_round
 from fedcil.tasks import TaskSplit, split_for
@@ -147,12 +147,25 @@ def plain_sender(post: Post) -> Send:
 
 def checked_sender(post: Post, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
     """The run's :data:`Send`: replies checked one by one (:func:`screened`), or securely summed
-    (:func:`server_app.secure.secure_sender`) with ``secagg.enabled``."""
+    (:func:`server_app.secure.secure_sender`) with ``secagg.enabled``; their Grams packed (:func:`packing_grams`)."""
     settings = SecAggSettings.from_config(cfg.secagg)
     if settings.enabled:
-        return secure_sender(post, strategy, settings, ReplyLimits.from_config(cfg), cfg.min_replies,
+        send = secure_sender(post, strategy, settings, ReplyLimits.from_config(cfg), cfg.min_replies,
                              InfluenceBounds.from_config(cfg).psd_tolerance)
-    return screened(plain_sender(post), cfg, strategy)
+    else:
+        send = screened(plain_sender(post), cfg, strategy)
+    return packing_grams(send, strategy, cfg.replies.gram_dtype)
+
+
+def packing_grams(send: Send, strategy: FederatedStrategy, dtype: str) -> Send:
+    """``send`` whose plans ask clients to pack the square Grams the strategy declares for them
+    (``weighted_sums(plan).grams``), in at most ``dtype`` (``replies.gram_dtype``)."""
+
+    def send_packed(plan: RoundPlan, task: int, round_in_task: int, nodes: list[int]) -> RoundExchange:
+        packing = Packing.of(strategy.weighted_sums(plan), strategy.expected_reply(plan, task), dtype)
+        return send(replace(plan, packing=packing), task, round_in_task, nodes)
+
+    return send_packed
 
 
 def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
@@ -175,7 +188,7 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
         clip = limits.clip_norm is not None and plan.returns_trained_tensors
         for node, content in result.replies:
             try:
-                update = checked_update(node, content, expected, limits)
+                update = checked_update(node, content, expected, limits, plan.packing)
             except InvalidReply as exc:
                 result.failed[node] = f"invalid reply: {exc}"
                 log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, round_in_task + 1, node, exc)

@@ -7,7 +7,8 @@ sum of the survivors' replies (:class:`~fedcil.protocol.ClientUpdate` with ``cli
 A method declares how its replies add up (``FederatedStrategy.secure_sum``): ``sum`` for
 statistics (LoRM's summaries, the analytic Grams, evaluation counts), ``mean`` for
 sample-weighted averages (clients send ``n_k * T_k`` and ``n_k``; the sum is divided by
-``sum_k n_k``), so the strategy merges the one update exactly as it merges many.
+``sum_k n_k``), so the strategy merges the one update exactly as it merges many. Packed Grams
+(:class:`~fedcil.protocol.Packing`) are summed packed and the sum unpacked (:func:`summed_update`).
 
 What can still be checked is checked: every stage's reply (its stage, its round, the types
 and sizes of its fields, the range exponents it reveals within ``replies``' bounds and
@@ -30,7 +31,7 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, encode_request
+from fedcil.protocol import ClientUpdate, Packing, RoundPlan, Shapes, encode_request
 from fedcil.secagg import masks
 from fedcil.secagg.client import COUNT, LOSS, RECORD, VECTOR
 from fedcil.secagg.encoding import MIN_EXPONENT, FixedPoint
@@ -250,9 +251,13 @@ class SecureRound:
         return total, len(masked)
 
 
-def summed_update(total: np.ndarray, clients: int, expected: Shapes, weighted: bool) -> ClientUpdate:
+def summed_update(total: np.ndarray, clients: int, expected: Shapes, weighted: bool, packing: Packing = Packing()) -> ClientUpdate:
     """The one update a round's recovered sum stands for: the tensors' sums (or sample-weighted
-    means when ``weighted``), the total count and the sample-weighted mean loss."""
+    means when ``weighted``), the total count and the sample-weighted mean loss.
+
+    The replies' Grams that ``packing`` names were summed packed: the sum of upper triangles is the
+    upper triangle of the sum, unpacked here into the square Gram of shape ``expected``."""
+    expected = packing.wire_shapes(expected)
     names, sizes = layout_of(expected)
     parts = np.split(total, np.cumsum(sizes)[:-1])
     count = float(parts[-2][0])
@@ -264,7 +269,7 @@ def summed_update(total: np.ndarray, clients: int, expected: Shapes, weighted: b
     scale = 1.0 / count if weighted else 1.0
     tensors = {name: torch.from_numpy(part * scale).reshape(expected[name]) for name, part in zip(names[:-2], parts)}
     loss = float(parts[-1][0]) / count if count else 0.0
-    return ClientUpdate(node_id=0, tensors=tensors, num_examples=count, loss=loss, clients=clients)
+    return ClientUpdate(node_id=0, tensors=packing.unpack(tensors), num_examples=count, loss=loss, clients=clients)
 
 
 def secure_sender(
@@ -283,10 +288,11 @@ def secure_sender(
         expected = strategy.expected_reply(plan, task)
         needed = max(2, min(min_replies, len(nodes)))
         secure = SecureRound(post, settings, limits, needed, kind)
-        total, clients = secure.run(encode_request(plan, task, round_in_task), nodes, expected, weighted)
+        wire = plan.packing.wire_shapes(expected)
+        total, clients = secure.run(encode_request(plan, task, round_in_task), nodes, wire, weighted)
         scaled = ReplyLimits(limits.max_examples * clients, limits.max_norm * (1 if weighted else clients))
         try:
-            update = checked(summed_update(total, clients, expected, weighted), expected, scaled)
+            update = checked(summed_update(total, clients, expected, weighted, plan.packing), expected, scaled)
             checks_grams = psd_tolerance is not None and not plan.evaluates
             problem = sanity_problem(update, strategy.weighted_sums(plan), psd_tolerance) if checks_grams else None
             if problem:

@@ -1,7 +1,9 @@
 """Every client reply is checked before it reaches a strategy: a server must not trust its clients.
 
-A reply passes when it decodes, carries exactly the tensors its request asks for (names and
-shapes as the method's strategy declares them: ``expected_reply(plan, task)``), in a floating
+A reply passes when it decodes (each Gram the request asked to pack,
+:class:`fedcil.protocol.Packing`, a floating upper triangle, made square float64 here), carries
+exactly the tensors its request asks for (names and shapes as the method's strategy declares
+them: ``expected_reply(plan, task)``), in a floating
 dtype, every value finite and every tensor's L2 norm within ``replies.max_norm``; its
 ``num-examples`` is an integer in ``0..replies.max_examples`` (0 is honest: a client may hold
 no data of a task) and its loss is finite; an evaluation's per-task counts are
@@ -22,7 +24,7 @@ import torch
 from flwr.app import RecordDict
 from omegaconf import DictConfig
 
-from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, Shapes, decode_reply
+from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, ClientUpdate, Packing, Shapes, decode_reply
 from fedcil.settings import optional_float
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,10 +54,12 @@ class ReplyLimits:
         return cls(int(r.max_examples), float(r.max_norm), optional_float(r.clip_norm), optional_float(r.update_factor))
 
 
-def checked_update(node_id: int, content: RecordDict, expected: Shapes, limits: ReplyLimits) -> ClientUpdate:
-    """The decoded reply of ``node_id`` if it is valid; :class:`InvalidReply` otherwise."""
+def checked_update(
+    node_id: int, content: RecordDict, expected: Shapes, limits: ReplyLimits, packing: Packing = Packing()
+) -> ClientUpdate:
+    """The decoded reply of ``node_id`` (its Grams packed as ``packing`` says) if it is valid; :class:`InvalidReply` otherwise."""
     try:
-        update = decode_reply(node_id, content)
+        update = decode_reply(node_id, content, packing)
     except Exception as exc:  # whatever the bytes make the decoder raise
         raise InvalidReply(f"cannot decode: {type(exc).__name__}: {exc}") from None
     return checked(update, expected, limits)

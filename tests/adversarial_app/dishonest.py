@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from fedcil.protocol import unpack_upper
+
 DISHONEST = ("inflate_count", "scale_grams", "negative_gram", "poison_head")
 GRAM_PAIRS = {".G": (".AG", ".WG"), ".S": (".BS",)}  # a LoRM reply's Grams and the numerators they weigh
 SCALE = 1000.0
@@ -22,7 +24,8 @@ def lie(content: RecordDict, attack: str, max_examples: int) -> RecordDict:
 
     - ``inflate_count``: claims ``max_examples`` examples, tensors unchanged;
     - ``scale_grams``: every Gram times 1000 and its numerators set to a foreign factor (all
-      entries 1) times that Gram: the closed-form merges follow the foreign factor;
+      entries 1) times that Gram (unpacked, when it travels packed): the closed-form merges
+      follow the foreign factor;
     - ``negative_gram``: every Gram replaced by -3 times itself (not positive semi-definite),
       numerators unchanged;
     - ``poison_head``: claims ``max_examples`` examples and sends its trained head pushed
@@ -39,7 +42,11 @@ def lie(content: RecordDict, attack: str, max_examples: int) -> RecordDict:
             tensors[gram] = scaled.float()
             for numerator in numerators_of(tensors, gram):
                 foreign = torch.ones_like(tensors[numerator], dtype=torch.float64)
-                tensors[numerator] = (foreign * scaled if scaled.dim() == 1 else foreign @ scaled).float()
+                if scaled.dim() == 1 and scaled.numel() == foreign.shape[-1]:  # a diagonal Gram
+                    pushed = foreign * scaled
+                else:  # a dense one, square or packed (fedcil.protocol.Packing)
+                    pushed = foreign @ (unpack_upper(scaled) if scaled.dim() == 1 else scaled)
+                tensors[numerator] = pushed.float()
     elif attack == "negative_gram":
         for gram in grams:
             tensors[gram] = -3 * tensors[gram]

@@ -63,7 +63,7 @@ def check_results(out: Path, dataset: str, num_classes_per_task: int, method: st
 @pytest.mark.parametrize(
     "method, extra",
     [("fedavg_lora", []), ("lorm", ["local_epochs=6"]), ("ffa_lora", []), ("fedex_lora", []), ("talora", []),
-     ("head_only", ["lr=0.05", "local_epochs=5"]), ("analytic", [])],
+     ("head_only", ["lr=0.05", "local_epochs=5"]), ("analytic", ["method.projection_dim=64"])],
 )
 def test_digits_simulation_matches_the_inprocess_backend(flower_home, method, extra):
     """Flower and ``backend=inprocess`` run the same loop: same accuracies, same message sizes."""

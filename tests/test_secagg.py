@@ -40,6 +40,7 @@ from strategies.aggregation import sum_updates
 
 LIMITS = ReplyLimits(max_examples=10_000, max_norm=1e13)
 MICRO = ["num_clients=4", "num_tasks=2", "partition=iid"]
+PLAIN_ANALYTIC = ["method.blocks=null", "method.projection_dim=0"]  # its first request asks for G and C (64 features)
 
 
 def exact_sums(vectors: list[np.ndarray]) -> np.ndarray:
@@ -115,7 +116,7 @@ class Clients:
 
 
 def micro_strategy(method: str):
-    cfg = compose_config("config", [*MICRO, f"method={method}"])
+    cfg = compose_config("config", [*MICRO, f"method={method}", *(PLAIN_ANALYTIC if method == "analytic" else [])])
     shape = declared_shape(cfg.dataset)
     model = model_for(cfg, shape.num_classes, shape.in_chans, shape.image_size)
     strategy = build_strategy(cfg, split_for(cfg, shape.num_classes), model.initial_state)
@@ -125,19 +126,13 @@ def micro_strategy(method: str):
 
 def random_replies(shapes: dict[str, tuple[int, ...]], nodes: range, rng: np.random.Generator) -> dict[int, tuple[dict[str, torch.Tensor], int, float]]:
     """Per node, tensors of ``shapes``, a count and a loss. Tensors span orders of magnitude from
-    one name to the next and vary 100-fold between nodes (Grams positive semi-definite; analytic's
-    moments ``S``, ``Q`` those of 64 zero-mean rows, as an honest client's are)."""
+    one name to the next and vary 100-fold between nodes (Grams positive semi-definite)."""
     scales = {name: 10.0 ** rng.uniform(-4, 6) for name in shapes}
     replies = {}
     for node in nodes:
         tensors = {}
-        if {"S", "Q"} <= set(shapes):
-            rows = rng.standard_normal((64, shapes["S"][0])) * (scales["Q"] * 10.0 ** rng.uniform(-1, 1)) ** 0.5
-            tensors["S"], tensors["Q"] = (torch.tensor(v, dtype=torch.float32) for v in (rows.sum(0), (rows**2).sum(0)))
         for name, shape in sorted(shapes.items()):
             scale = scales[name] * 10.0 ** rng.uniform(-1, 1)
-            if name in tensors:
-                continue
             if name.endswith((".G", ".S")) or name == "G":
                 rows = rng.standard_normal((2 * shape[0], shape[0]))
                 value = (rows.T @ rows) * scale if len(shape) == 2 else rng.uniform(0, scale, shape)

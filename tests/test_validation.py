@@ -176,7 +176,7 @@ def test_evaluation_counts_must_be_whole_and_ordered(correct, count):
 @pytest.mark.parametrize("method,extra", [
     ("fedavg_lora", []), ("ffa_lora", []), ("fedex_lora", []), ("talora", []), ("talora", ["method.use_reswu=false"]),
     ("lorm", []), ("lorm", ["method.gram_alpha=0.5", "method.head_gram_alpha=0"]), ("head_only", []),
-    ("analytic", []), ("analytic", ["method.projection_dim=32"]),
+    ("analytic", ["method.blocks=null", "method.projection_dim=0"]), ("analytic", ["method.projection_dim=32"]),
 ])
 def test_honest_clients_of_every_method_are_never_dropped(tmp_path, method, extra):
     """The expected names and shapes match what real clients send, for every kind of request."""

@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedcil.shapes import declared_shape
 from fedcil.errors import ConfigError, choices_error
-from fedcil.protocol import GRAM_DTYPES
 from fedcil.tasks import split_for
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -32,7 +31,7 @@ CHOICES = {
     "precision": PRECISIONS,
     "model.head_init": HEAD_INITS,
     "replies.weighting": WEIGHTINGS,
-    "replies.gram_dtype": tuple(GRAM_DTYPES),
+    "replies.gram_dtype": ("float32", "float64"),  # fedcil.protocol.GRAM_DTYPES (not imported: it needs torch)
     "secagg.enabled": (True, False),
     "secagg.modulus_bits": (32, 64),
     "dp.enabled": (True, False),

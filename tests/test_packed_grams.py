@@ -250,3 +250,11 @@ def test_gram_dtype_takes_float32_or_float64_only():
     assert compose_config("config", []).replies.gram_dtype == "float32"
     with pytest.raises(ConfigError, match=r"^unknown replies.gram_dtype 'float16'; valid choices: float32, float64$"):
         check_settings(compose_config("config", ["replies.gram_dtype=float16"]))
+
+
+def test_the_settings_offer_exactly_the_gram_dtypes_the_wire_knows():
+    """fedcil.settings names the choices without importing torch; they must be the wire's."""
+    from fedcil.protocol import GRAM_DTYPES
+    from fedcil.settings import CHOICES
+
+    assert set(CHOICES["replies.gram_dtype"]) == set(GRAM_DTYPES)

@@ -35,28 +35,34 @@ PARTITIONS = {
     "dirichlet0.5": ["partition=dirichlet", "partition.beta=0.5"],
     "quantity2": ["partition=quantity", "partition.alpha=2"],
 }
-METHODS = {  # the analytic classifier needs one round per task
-    "lorm": [], "fedavg_lora": [], "ffa_lora": [], "fedex_lora": [], "talora": [],
-    "head_only": [], "analytic": ["rounds_per_task=1"],
+ANALYTIC = ["method=analytic", "rounds_per_task=1"]  # no training: one round per task
+METHODS = {  # job name prefix -> overrides; variants change one setting of their method
+    "lorm": ["method=lorm"],  # under protocol=lorm: Grams under the running average of the task adapters
+    "lorm_own_grams": ["method=lorm", "method.gram_model=own"],
+    "lorm_gram_alpha0.5": ["method=lorm", "method.gram_alpha=0.5"],
+    "fedavg_lora": ["method=fedavg_lora"], "ffa_lora": ["method=ffa_lora"], "fedex_lora": ["method=fedex_lora"],
+    "talora": ["method=talora"], "head_only": ["method=head_only"],
+    "analytic": ANALYTIC,  # 4 blocks, projection 2000, GCV ridge
+    "analytic_last_layer": [*ANALYTIC, "method.blocks=null", "method.projection_dim=0", "method.ridge=0.001"],
 }
 JOINT_PARTITION = "dirichlet0.05"  # joint training pools every client's data: the partition does not apply
 SHORT_METHODS = ("lorm", "fedavg_lora")
 
 
-def jobs(seeds: list[int], caps: list[str]) -> dict[str, list[str]]:
-    """Job name -> ``fcil-run`` overrides."""
+def jobs(seeds: list[int], caps: list[str], only: list[str] | None = None) -> dict[str, list[str]]:
+    """Job name -> ``fcil-run`` overrides (with ``only``, the jobs whose name starts with one of those)."""
     planned = {}
     for seed in seeds:
         for part, part_overrides in PARTITIONS.items():
-            for method, extra in METHODS.items():
-                overrides = ["experiment=fmnist_lorm", f"method={method}", *part_overrides, *extra]
-                planned[f"faithful/{method}_{part}_s{seed}"] = [*overrides, *caps, f"seed={seed}"]
+            for name, method in METHODS.items():
+                overrides = ["experiment=fmnist_lorm", *method, *part_overrides]
+                planned[f"faithful/{name}_{part}_s{seed}"] = [*overrides, *caps, f"seed={seed}"]
         joint = ["experiment=fmnist_lorm", "method=joint", *PARTITIONS[JOINT_PARTITION], *caps, f"seed={seed}"]
         planned[f"faithful/joint_{JOINT_PARTITION}_s{seed}"] = joint
         for method in SHORT_METHODS:
             overrides = ["experiment=fmnist_ssl", f"method={method}", *PARTITIONS["dirichlet0.5"]]
             planned[f"short/{method}_dirichlet0.5_s{seed}"] = [*overrides, *caps, f"seed={seed}"]
-    return planned
+    return {name: o for name, o in planned.items() if only is None or name.startswith(tuple(only))}
 
 
 def run_job(out: Path, overrides: list[str]) -> tuple[bool, float]:
@@ -96,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=150)
     parser.add_argument("--test-per-class", type=int, default=300)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every job")
+    parser.add_argument("--only", nargs="+", metavar="PREFIX",
+                        help="run only the jobs whose name starts with one of these (e.g. faithful/lorm short/)")
     args = parser.parse_args(argv)
     caps = [f"train_per_class={args.train_per_class}", f"test_per_class={args.test_per_class}", "eval_every_round=false",
             *args.set]
     out = args.out.resolve()
-    todo = {name: o for name, o in jobs(args.seeds, caps).items() if not (out / name / "results.json").is_file()}
-    print(f"fcil-benchmark: {len(todo)} jobs to run ({len(jobs(args.seeds, caps)) - len(todo)} done) in {out}", flush=True)
+    planned = jobs(args.seeds, caps, args.only)
+    todo = {name: o for name, o in planned.items() if not (out / name / "results.json").is_file()}
+    print(f"fcil-benchmark: {len(todo)} jobs to run ({len(planned) - len(todo)} done) in {out}", flush=True)
     started, finished, failed = time.monotonic(), 0, []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_job, out / name, overrides): name for name, overrides in todo.items()}

@@ -22,7 +22,9 @@ from fedcil.data import iterate_batches
 from fedcil.errors import ConfigError
 from fedcil.experiment import Experiment, experiment_for
 from fedcil.gram import compute_grams
-from fedcil.model import FCILModel, adapted_layers, get_trainable_state, model_for, resolve_device, set_base_deltas, set_sent_state
+from fedcil.model import (
+    FCILModel, adapted_layers, get_trainable_state, model_for, resolve_device, scaled_adapters, set_base_deltas, set_sent_state,
+)
 from fedcil.protocol import EVAL_COUNT, EVAL_CORRECT, TensorDict, TrainRequest, decode_request, encode_reply, unpack_base
 from fedcil.training import TrainSettings, correct_per_task, train_local
 from strategies import ClientRound, method_class
@@ -34,18 +36,28 @@ def round_seed(seed: int, task: int, round_in_task: int, partition_id: int) -> i
 
 
 def input_grams(
-    model: FCILModel, experiment: Experiment, indices: np.ndarray, batch_size: int, device: torch.device,
-    views: Callable[[torch.Tensor], torch.Tensor] | None, layer_alpha: float, head_alpha: float | None,
+    model: FCILModel, experiment: Experiment, request: TrainRequest, indices: np.ndarray, batch_size: int,
+    device: torch.device, views: Callable[[torch.Tensor], torch.Tensor] | None,
+    layer_alpha: float, head_alpha: float | None, passes: int = 1,
 ) -> dict[str, Gram]:
-    """Regularised Grams of the adapted layers' inputs over ``indices`` (and the head's, unless ``head_alpha`` is None).
+    """Regularised Grams of the adapted layers' inputs over ``indices`` (and the head's, unless ``head_alpha`` is None),
+    averaged over ``passes`` passes.
 
-    ``views`` (if any) augments the images first.
+    ``views`` (if any) augments the images first. The pass runs under the request's Gram model: ``W0`` plus its
+    ``gram_base`` and the trained adapter weighted by its ``gram_adapter_scale``; the request's ``base`` is back after.
     """
     modules = dict(adapted_layers(model))
     alphas = {name: layer_alpha for name in modules}
     if head_alpha is not None:
         modules["head"], alphas["head"] = model.head, head_alpha
-    return compute_grams(model, modules, alphas, experiment.data.train, indices, batch_size, device, views)
+    if not request.gram_base and request.gram_adapter_scale == 1.0:
+        return compute_grams(model, modules, alphas, experiment.data.train, indices, batch_size, device, views, passes)
+    set_base_deltas(model, unpack_base(request.gram_base))
+    try:
+        with scaled_adapters(model, request.gram_adapter_scale):
+            return compute_grams(model, modules, alphas, experiment.data.train, indices, batch_size, device, views, passes)
+    finally:
+        set_base_deltas(model, unpack_base(request.base))
 
 
 def gram_views(cfg: DictConfig, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -120,7 +132,9 @@ def run_local_round(
         trained=get_trainable_state(model),
         num_examples=len(indices),
         task_classes=experiment.split.task_classes(request.task),
-        input_grams=partial(input_grams, model, experiment, indices, cfg.eval_batch_size, device, gram_views(cfg, seed + 1)),
+        input_grams=partial(
+            input_grams, model, experiment, request, indices, cfg.eval_batch_size, device, gram_views(cfg, seed + 1)
+        ),
         head_features=partial(head_features, model, experiment, indices, cfg.eval_batch_size, device),
     )
     return method_class(cfg.method.name).client_reply(cfg.method, client), len(indices), loss

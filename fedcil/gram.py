@@ -58,14 +58,19 @@ def compute_grams(
     batch_size: int,
     device: torch.device,
     views: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    passes: int = 1,
 ) -> dict[str, Gram]:
-    """Regularised input Grams of ``modules`` over the images ``indices`` of ``dataset``
-    (through ``views`` first, e.g. the training augmentation, if given)."""
+    """Regularised input Grams of ``modules`` over the images ``indices`` of ``dataset`` (through
+    ``views`` first, e.g. the training augmentation, if given), averaged over ``passes`` passes
+    (each pass draws fresh views, so the Grams keep the scale of one pass; without views one pass
+    gives the same)."""
+    passes = passes if views is not None else 1
     model.to(device).eval()
     recorder = GramRecorder(modules, alphas)
     try:
-        for images, _ in iterate_batches(dataset, indices, batch_size):
-            model((images if views is None else views(images)).to(device))
+        for _ in range(passes):
+            for images, _ in iterate_batches(dataset, indices, batch_size):
+                model((images if views is None else views(images)).to(device))
     finally:
         recorder.close()
-    return recorder.grams()
+    return {name: gram / passes for name, gram in recorder.grams().items()}

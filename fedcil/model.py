@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -289,6 +291,20 @@ def set_base_deltas(model: FCILModel, deltas: dict[str, torch.Tensor]) -> None:
             if delta is not None and delta.shape != weight.shape:
                 raise ValueError(f"{name}: base delta shape {tuple(delta.shape)} != {tuple(weight.shape)}")
             weight.copy_(original if delta is None else original + delta.to(weight))
+
+
+@contextmanager
+def scaled_adapters(model: FCILModel, scale: float) -> Iterator[None]:
+    """Within the block every adapted layer computes ``W x + scale * s B A x``; its scaling ``s`` is restored after."""
+    layers = adapted_layers(model).values()
+    saved = [dict(layer.scaling) for layer in layers]
+    try:
+        for layer in layers:
+            layer.scaling.update({name: scale * value for name, value in layer.scaling.items()})
+        yield
+    finally:
+        for layer, scaling in zip(layers, saved):
+            layer.scaling.update(scaling)
 
 
 def get_trainable_state(model: FCILModel) -> dict[str, torch.Tensor]:

@@ -5,6 +5,9 @@ Request (server -> client) ``RecordDict``:
     ``base``   ArrayRecord   optional: what to add to the frozen ``W0`` of adapted layers,
                              per layer either ``<layer>.delta`` (dense) or the factors
                              ``<layer>.U`` and ``<layer>.V`` of ``delta = U V``
+    ``gram-base`` ArrayRecord optional, same layout: the base of the model a method's Gram
+                             pass runs under (training runs under ``base``); with the config's
+                             ``gram-adapter-scale`` ``c``, that model is ``W0 + gram base + c s B A``
     ``config`` ConfigRecord  ``task``, ``round`` (within the task, from 0), ``train-groups``,
                              the plan's extras (``evaluate``, ``statistics``) and, when the
                              reply carries square Grams, ``packed-grams`` and ``gram-dtype``
@@ -36,6 +39,7 @@ TensorDict = dict[str, torch.Tensor]
 Shapes = dict[str, tuple[int, ...]]
 EVAL_CORRECT, EVAL_COUNT = "eval.correct", "eval.count"  # an evaluation reply's tensors: per-task counts
 PACKED_GRAMS, GRAM_DTYPE = "packed-grams", "gram-dtype"  # a request's config keys of its Packing
+GRAM_ADAPTER_SCALE = "gram-adapter-scale"  # a request's config key: the adapter's weight in the Gram pass's model
 GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 """``replies.gram_dtype``: the widest dtype a packed Gram travels in (one computed narrower keeps its own)."""
 
@@ -118,6 +122,8 @@ class RoundPlan:
     ``extra`` asks for an evaluation (``evaluate``) or for a method's statistics
     (``statistics``: a kind the method's strategy names and its client hook computes).
     ``packing`` names the reply's Grams that travel packed (set by the server's sender).
+    ``base`` is added to ``W0`` for everything the client does; ``gram_base`` (with
+    ``extra[GRAM_ADAPTER_SCALE]``) replaces it for a method's Gram pass only.
     """
 
     state: TensorDict
@@ -125,6 +131,7 @@ class RoundPlan:
     extra: dict[str, int | float | str | bool] = field(default_factory=dict)
     base: TensorDict = field(default_factory=dict)
     packing: Packing = Packing()
+    gram_base: TensorDict = field(default_factory=dict)
 
     @property
     def evaluates(self) -> bool:
@@ -148,6 +155,12 @@ class TrainRequest:
     extra: dict
     base: TensorDict = field(default_factory=dict)
     packing: Packing = Packing()
+    gram_base: TensorDict = field(default_factory=dict)
+
+    @property
+    def gram_adapter_scale(self) -> float:
+        """The trained adapter's weight in the model of the Gram pass (1 unless the request says)."""
+        return float(self.extra.get(GRAM_ADAPTER_SCALE, 1.0))
 
 
 @dataclass(frozen=True)
@@ -198,22 +211,25 @@ def encode_request(plan: RoundPlan, task: int, round_in_task: int) -> RecordDict
     if plan.packing.grams:
         config |= {PACKED_GRAMS: list(plan.packing.grams), GRAM_DTYPE: plan.packing.dtype}
     records = {"state": ArrayRecord(plan.state), "config": ConfigRecord(config)}
-    if plan.base:
-        records["base"] = ArrayRecord({k: v.float() for k, v in plan.base.items()})
+    for name, base in (("base", plan.base), ("gram-base", plan.gram_base)):
+        if base:
+            records[name] = ArrayRecord({k: v.float() for k, v in base.items()})
     return RecordDict(records)
 
 
 def decode_request(content: RecordDict) -> TrainRequest:
     """Parse a request RecordDict (raises KeyError when a part is missing)."""
     config = dict(content.config_records["config"])
+    arrays = content.array_records
     return TrainRequest(
         task=int(config.pop("task")),
         round_in_task=int(config.pop("round")),
-        state=content.array_records["state"].to_torch_state_dict(),
+        state=arrays["state"].to_torch_state_dict(),
         train_groups=tuple(config.pop("train-groups")),
         extra=config,
-        base=content.array_records["base"].to_torch_state_dict() if "base" in content.array_records else {},
+        base=arrays["base"].to_torch_state_dict() if "base" in arrays else {},
         packing=Packing(tuple(config.pop(PACKED_GRAMS, [])), str(config.pop(GRAM_DTYPE, "float64"))),
+        gram_base=arrays["gram-base"].to_torch_state_dict() if "gram-base" in arrays else {},
     )
 
 

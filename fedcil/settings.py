@@ -32,6 +32,7 @@ CHOICES = {
     "model.head_init": HEAD_INITS,
     "replies.weighting": WEIGHTINGS,
     "replies.gram_dtype": ("float32", "float64"),  # fedcil.protocol.GRAM_DTYPES (not imported: it needs torch)
+    "method.gram_model": ("own", "running_average"),  # strategies.lorm.GRAM_MODELS (not imported: it needs torch)
     "secagg.enabled": (True, False),
     "secagg.modulus_bits": (32, 64),
     "dp.enabled": (True, False),
@@ -134,6 +135,7 @@ RANGES: dict[str, Range] = {
     "partition.min_samples": at_least(0),
     "method.gram_alpha": UNIT,
     "method.head_gram_alpha": UNIT,
+    "method.gram_passes": at_least(1),
     "method.ridge": at_least(0, float),
     "method.projection_dim": at_least(0),
     "dataset.test_fraction": Range(float, low=0, high=1, low_open=True, high_open=True),
@@ -215,8 +217,9 @@ def check_analytic(cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """Raise a one-line :class:`ConfigError` for the first setting outside its choices or range."""
     for key, valid in CHOICES.items():
-        if OmegaConf.select(cfg, key) not in valid:
-            raise choices_error(key, OmegaConf.select(cfg, key), list(valid))
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and value not in valid:
+            raise choices_error(key, value, list(valid))
     if cfg.method.name == "analytic":
         check_analytic(cfg)
     for key, allowed in RANGES.items():

@@ -42,10 +42,11 @@ def lora_scaling(lora_cfg: Mapping[str, Any]) -> float:
     return float(lora_cfg["alpha"]) / int(lora_cfg["rank"])
 
 
-InputGrams = Callable[[float, "float | None"], dict[str, Gram]]
-"""``input_grams(layer_alpha, head_alpha)``: the regularised Grams of every adapted layer's
-inputs over the client's current-task data (and of the head's, under ``head``, unless
-``head_alpha`` is None)."""
+InputGrams = Callable[..., dict[str, Gram]]
+"""``input_grams(layer_alpha, head_alpha, passes=1)``: the regularised Grams of every adapted
+layer's inputs over the client's current-task data (and of the head's, under ``head``, unless
+``head_alpha`` is None), averaged over ``passes`` passes of fresh augmented views, under the
+request's Gram model (:class:`~fedcil.protocol.RoundPlan`'s ``gram_base``)."""
 
 
 HeadFeatures = Callable[[bool], "tuple[torch.Tensor, torch.Tensor]"]

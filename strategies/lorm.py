@@ -24,6 +24,12 @@ with ``G_t = sum_k Ĝ_k`` and ``dW_t = s B_t A_t`` the evaluated model is::
 Within a task (evaluation after a round) the current adapter joins that merge with the
 current task's latest Gram sum (from its last A-round), or the previous tasks' mean Gram
 before one exists. Every solve runs in float64 with a relative ridge (``ridge``).
+
+Which model the Grams see (``gram_model``): ``own``, the model the task trains, ``W0 + s B_t A_t``;
+or ``running_average``, as the authors' code takes them (per round and at the end of a task),
+``W0 + s (sum_{u<t} B_u A_u + B_t A_t) / (t + 1)``: the finished tasks' own adapters plainly
+averaged, the current one weighted ``1 / (t + 1)``. Training always runs under ``W0 + s B_t A_t``.
+Each Gram averages ``gram_passes`` passes over freshly augmented views (the authors' ``regmean_rounds``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 
 from fedcil.closed_form import Gram, merge_with_grams, sandwich, times_gram
 from fedcil.errors import choices_error
-from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict, WeightedSums
+from fedcil.protocol import GRAM_ADAPTER_SCALE, ClientUpdate, RoundPlan, Shapes, TensorDict, WeightedSums
 from fedcil.tasks import TaskSplit
 from strategies.aggregation import fresh_adapter, sum_updates
 from strategies.base import ClientRound, FederatedStrategy, lora_scaling
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 TRAIN_MATRICES = ("alt", "A", "B")
+GRAM_MODELS = ("own", "running_average")
 ROUND_STATISTICS = "lorm"  # a round's request: summaries of the trained factor and the head rows
 TASK_END_STATISTICS = "gram"  # the end-of-task request: the Grams of the final adapter's inputs
 STATISTICS = (ROUND_STATISTICS, TASK_END_STATISTICS)
@@ -60,22 +67,30 @@ class LoRMSettings:
     gram_alpha : ``a`` of the adapted backbone layers' Grams (0: diagonal only).
     head_gram_alpha : ``a`` of the head's Gram.
     ridge : relative ridge of every solve, ``eps = ridge * mean(diag(G))``.
+    gram_model : the model the Grams are taken under: ``own`` (``W0 + s B_t A_t``, the model the task
+        trains) or ``running_average`` (``W0 + s (sum_{u<t} B_u A_u + B_t A_t) / (t + 1)``, as the LoRM code does).
+    gram_passes : passes over freshly augmented views that each Gram averages.
     """
 
     train_matrix: str = "alt"
     gram_alpha: float = 0.0
     head_gram_alpha: float = 0.5
     ridge: float = 1e-6
+    gram_model: str = "own"
+    gram_passes: int = 1
 
     def __post_init__(self) -> None:
         if self.train_matrix not in TRAIN_MATRICES:
             raise choices_error("method.train_matrix", self.train_matrix, list(TRAIN_MATRICES))
+        if self.gram_model not in GRAM_MODELS:
+            raise choices_error("method.gram_model", self.gram_model, list(GRAM_MODELS))
 
     @classmethod
     def from_config(cls, method: Mapping[str, Any]) -> LoRMSettings:
         """The settings under ``method`` in the config."""
         return cls(
-            str(method["train_matrix"]), float(method["gram_alpha"]), float(method["head_gram_alpha"]), float(method["ridge"])
+            str(method["train_matrix"]), float(method["gram_alpha"]), float(method["head_gram_alpha"]), float(method["ridge"]),
+            str(method["gram_model"]), int(method["gram_passes"]),
         )
 
 
@@ -174,7 +189,7 @@ class LoRM(FederatedStrategy):
         self.tasks_done = 0
         self.current_gram: dict[str, Gram] = {}
         self.task_finished = False
-        self.task_adapters: list[TensorDict] = []  # every finished task's own factors, for the diagnostics
+        self.task_adapters: list[TensorDict] = []  # every finished task's own factors (diagnostics, running-average Grams)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, split: TaskSplit, initial_state: TensorDict) -> LoRM:
@@ -210,12 +225,13 @@ class LoRM(FederatedStrategy):
         settings, request = LoRMSettings.from_config(method), client.request
         kind = request.extra.get("statistics")
         if kind == ROUND_STATISTICS:
-            grams = client.input_grams(settings.gram_alpha, settings.head_gram_alpha)
+            grams = client.input_grams(settings.gram_alpha, settings.head_gram_alpha, settings.gram_passes)
             factor = trained_factor(request.train_groups)
             summaries = client_summaries(client.trained, grams, factor, client.task_classes, client.num_examples)
             return {key: value.float() for key, value in summaries.items()}
         if kind == TASK_END_STATISTICS:
-            return {f"{layer}.G": gram.float() for layer, gram in client.input_grams(settings.gram_alpha, None).items()}
+            grams = client.input_grams(settings.gram_alpha, None, settings.gram_passes)
+            return {f"{layer}.G": gram.float() for layer, gram in grams.items()}
         raise choices_error("statistics", kind, list(STATISTICS))
 
     def start_task(self, task: int) -> None:
@@ -223,9 +239,27 @@ class LoRM(FederatedStrategy):
         self.state = fresh_adapter(self.state, self.seed, task)
         self.current_gram, self.task_finished = {}, False
 
+    def gram_model(self) -> tuple[TensorDict, dict[str, float]]:
+        """The request's ``gram_base`` and extras that set the model the Grams are taken under.
+
+        ``running_average`` in task ``t``: the finished tasks' own deltas ``s B_u A_u`` over ``t + 1`` as
+        factors (``U = s [B_0 ... B_{t-1}] / (t + 1)``, ``V = [A_0; ...; A_{t-1}]``, rank ``t r``) and the
+        trained adapter's weight ``1 / (t + 1)``. ``own``, or task 0: nothing (the trained model).
+        """
+        if self.settings.gram_model == "own" or not self.task_adapters:
+            return {}, {}
+        share = 1.0 / (len(self.task_adapters) + 1)
+        base = {}
+        for layer in self.layers:
+            base[f"{layer}.U"] = share * self.scaling * torch.cat([a[f"{layer}.lora_B"] for a in self.task_adapters], dim=1)
+            base[f"{layer}.V"] = torch.cat([a[f"{layer}.lora_A"] for a in self.task_adapters], dim=0)
+        return base, {GRAM_ADAPTER_SCALE: share}
+
     def configure_round(self, task: int, round_in_task: int) -> RoundPlan:
         factor = factor_of_round(self.train_matrix, round_in_task)
-        return RoundPlan(state=self.state, train_groups=(factor, "head"), extra={"statistics": ROUND_STATISTICS})
+        gram_base, extra = self.gram_model()
+        return RoundPlan(state=self.state, train_groups=(factor, "head"), extra={"statistics": ROUND_STATISTICS, **extra},
+                         gram_base=gram_base)
 
     def aggregate_round(self, task: int, round_in_task: int, updates: list[ClientUpdate]) -> None:
         sums = sum_updates(updates, list(updates[0].tensors))
@@ -246,7 +280,9 @@ class LoRM(FederatedStrategy):
         self.state["head.weight"], self.state["head.bias"] = weight, bias
 
     def task_end_plan(self, task: int) -> RoundPlan:
-        return RoundPlan(state=self.state, train_groups=(), extra={"statistics": TASK_END_STATISTICS})
+        gram_base, extra = self.gram_model()
+        return RoundPlan(state=self.state, train_groups=(), extra={"statistics": TASK_END_STATISTICS, **extra},
+                         gram_base=gram_base)
 
     def end_task(self, task: int, updates: list[ClientUpdate]) -> None:
         """Fold ``dW_t G_t`` and ``G_t`` of the finished task into the cross-task sums."""

@@ -12,7 +12,7 @@ from fedcil.config import compose_config
 from fedcil.errors import ConfigError
 from fedcil.gram import GramRecorder, compute_grams
 from fedcil.model import adapted_layers, build_model, get_trainable_state
-from fedcil.protocol import ClientUpdate
+from fedcil.protocol import GRAM_ADAPTER_SCALE, ClientUpdate, unpack_base
 from fedcil.tasks import make_task_split
 from strategies import build_strategy
 from strategies.lorm import LoRM, LoRMSettings, client_summaries, factor_of_round
@@ -170,6 +170,32 @@ def test_cross_task_merge_equals_its_formula():
     expected = sum(d @ g for d, g in zip(deltas, grams)) @ np.linalg.inv(sum(grams))
     np.testing.assert_allclose(strategy.base_deltas()[LAYER].numpy(), expected, rtol=1e-5, atol=1e-6)
     assert not strategy.evaluation_state()[f"{LAYER}.lora_B"].any()  # the adapter lives in the merged base
+
+
+def test_running_average_grams_see_the_plain_average_of_the_task_adapters():
+    """Task t's requests (per round and at its end) carry the Gram model W0 + s (sum_{u<t} B_u A_u + B_t A_t) / (t + 1)
+    as factors of the finished tasks' own adapters and the trained adapter's weight 1 / (t + 1); ``own`` sends none."""
+    strategy, own = lorm(3, gram_model="running_average"), lorm(3)
+    rng = np.random.default_rng(3)
+    deltas = []
+    for task in range(3):
+        for each in (strategy, own):
+            each.start_task(task)
+        plans = [strategy.configure_round(task, 0), strategy.configure_round(task, 1), strategy.task_end_plan(task)]
+        for plan in plans:
+            assert plan.extra.get(GRAM_ADAPTER_SCALE, 1.0) == pytest.approx(1 / (task + 1))
+            got = unpack_base(plan.gram_base).get(LAYER, torch.zeros(D_OUT, D_IN, dtype=torch.float64))
+            np.testing.assert_allclose(got.numpy(), sum(deltas, np.zeros((D_OUT, D_IN))) / (task + 1), rtol=1e-12, atol=1e-12)
+        assert all(not p.gram_base and GRAM_ADAPTER_SCALE not in p.extra
+                   for p in (own.configure_round(task, 0), own.task_end_plan(task)))
+        strategy.state[f"{LAYER}.lora_A"] = torch.as_tensor(rng.normal(size=(RANK, D_IN)))
+        strategy.state[f"{LAYER}.lora_B"] = torch.as_tensor(rng.normal(size=(D_OUT, RANK)))
+        deltas.append(SCALING * strategy.state[f"{LAYER}.lora_B"].numpy() @ strategy.state[f"{LAYER}.lora_A"].numpy())
+        for each in (strategy, own):
+            each.end_task(task, [ClientUpdate(0, {f"{LAYER}.G": torch.rand(D_IN, dtype=torch.float64) + 0.1}, 5, 0.0)])
+    restored = lorm(3, gram_model="running_average")
+    restored.restore(*strategy.checkpoint())
+    assert all(torch.equal(a, b) for a, b in zip(restored.gram_model()[0].values(), strategy.gram_model()[0].values()))
 
 
 def test_a_task_alone_merges_to_its_own_adapter():

@@ -8,7 +8,7 @@ import torch
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedcil.errors import ConfigError
-from fedcil.protocol import ClientUpdate, RoundPlan, decode_reply, decode_request, encode_reply, encode_request
+from fedcil.protocol import GRAM_ADAPTER_SCALE, ClientUpdate, RoundPlan, decode_reply, decode_request, encode_reply, encode_request
 from strategies import METHODS
 from strategies.fedavg_lora import FedAvgLoRA
 
@@ -50,11 +50,14 @@ def test_unknown_method_lists_the_registered_ones(cfg):
 
 def test_request_and_reply_survive_serialisation():
     state = random_state(3)
-    request = encode_request(RoundPlan(state=state, train_groups=("lora_B", "head"), extra={"alpha": 0.5}), 2, 4)
-    decoded = decode_request(recorddict_from_proto(recorddict_to_proto(request)))
+    gram_base = {"blocks.0.attn.qkv.U": torch.rand(6, 2), "blocks.0.attn.qkv.V": torch.rand(2, 5)}
+    plan = RoundPlan(state=state, train_groups=("lora_B", "head"), extra={"alpha": 0.5, GRAM_ADAPTER_SCALE: 0.25},
+                     gram_base=gram_base)
+    decoded = decode_request(recorddict_from_proto(recorddict_to_proto(encode_request(plan, 2, 4))))
     assert (decoded.task, decoded.round_in_task, decoded.train_groups) == (2, 4, ("lora_B", "head"))
-    assert decoded.extra == {"alpha": 0.5}
+    assert decoded.extra == {"alpha": 0.5, GRAM_ADAPTER_SCALE: 0.25} and decoded.gram_adapter_scale == 0.25
     assert all(torch.equal(decoded.state[k], v) for k, v in state.items())
+    assert decoded.base == {} and all(torch.equal(decoded.gram_base[k], v) for k, v in gram_base.items())
     reply = encode_reply(state, num_examples=42, loss=0.25)
     size = recorddict_to_proto(reply).ByteSize()
     assert size >= 4 * sum(v.numel() for v in state.values())

@@ -1,8 +1,10 @@
-"""The FCIL benchmark in one command: every method on Fashion-MNIST under the LoRM authors'
-protocol, three partitions, three seeds; LoRM and FedAvg-LoRA under the short protocol for
-comparison; then the reports.
+"""The FCIL benchmark in one command: every method and variant (:data:`METHODS`) on
+Fashion-MNIST under the LoRM authors' protocol, three partitions, three seeds; LoRM and
+FedAvg-LoRA under the short protocol for comparison; the methods that train nothing on all
+the data (:data:`ALL_DATA`); then the reports.
 
-    .venv/bin/python -m bench.fcil_benchmark                   # about 40 min on 2 cores
+    .venv/bin/python -m bench.fcil_benchmark                   # every job: hours on 2 cores
+    .venv/bin/python -m bench.fcil_benchmark --only faithful/lorm alldata/   # some of them
     .venv/bin/python -m bench.fcil_benchmark --seeds 0 --train-per-class 100   # a quick look
     .venv/bin/python -m bench.fcil_benchmark --out bench/results/claimed \
         --set replies.weighting=claimed replies.update_factor=null              # other settings
@@ -11,9 +13,9 @@ Every job is one ``fcil-run ... backend=inprocess`` (its own process, the shippe
 backbone), ``--jobs`` of them side by side; a job whose ``results.json`` exists is skipped,
 so an interrupted benchmark goes on where it stopped. ``--set`` adds overrides to every
 job (give each setting its own ``--out``). Images are capped per class
-(``--train-per-class``, ``--test-per-class``) to fit the time on a CPU. Writes, under
-``--out``: one folder per job, ``faithful/`` and ``short/`` reports (``report.md``,
-``report.csv``, plots) and ``benchmark.md`` with both tables.
+(``--train-per-class``, ``--test-per-class``) to fit the time on a CPU, except in ``alldata/``.
+Writes, under ``--out``: one folder per job, ``faithful/``, ``short/`` and ``alldata/`` reports
+(``report.md``, ``report.csv``, plots) and ``benchmark.md`` with their tables.
 """
 
 from __future__ import annotations
@@ -45,23 +47,32 @@ METHODS = {  # job name prefix -> overrides; variants change one setting of thei
     "analytic": ANALYTIC,  # 4 blocks, projection 2000, GCV ridge
     "analytic_last_layer": [*ANALYTIC, "method.blocks=null", "method.projection_dim=0", "method.ridge=0.001"],
 }
+ALL_DATA = {  # methods that train nothing, on every image (no caps): their cost is one pass over the data
+    "analytic": ANALYTIC,
+    "analytic_p5000": [*ANALYTIC, "method.projection_dim=5000"],
+    "analytic_last_layer": METHODS["analytic_last_layer"],
+}
 JOINT_PARTITION = "dirichlet0.05"  # joint training pools every client's data: the partition does not apply
 SHORT_METHODS = ("lorm", "fedavg_lora")
 
 
-def jobs(seeds: list[int], caps: list[str], only: list[str] | None = None) -> dict[str, list[str]]:
-    """Job name -> ``fcil-run`` overrides (with ``only``, the jobs whose name starts with one of those)."""
+def jobs(seeds: list[int], caps: list[str], common: list[str], only: list[str] | None = None) -> dict[str, list[str]]:
+    """Job name -> ``fcil-run`` overrides: every job gets ``common``, all but ``alldata/`` the image ``caps``
+    (with ``only``, the jobs whose name starts with one of those prefixes)."""
     planned = {}
     for seed in seeds:
         for part, part_overrides in PARTITIONS.items():
             for name, method in METHODS.items():
                 overrides = ["experiment=fmnist_lorm", *method, *part_overrides]
-                planned[f"faithful/{name}_{part}_s{seed}"] = [*overrides, *caps, f"seed={seed}"]
-        joint = ["experiment=fmnist_lorm", "method=joint", *PARTITIONS[JOINT_PARTITION], *caps, f"seed={seed}"]
+                planned[f"faithful/{name}_{part}_s{seed}"] = [*overrides, *caps, *common, f"seed={seed}"]
+        for name, method in ALL_DATA.items():
+            overrides = ["experiment=fmnist_lorm", *method, *PARTITIONS[JOINT_PARTITION]]
+            planned[f"alldata/{name}_s{seed}"] = [*overrides, *common, f"seed={seed}"]
+        joint = ["experiment=fmnist_lorm", "method=joint", *PARTITIONS[JOINT_PARTITION], *caps, *common, f"seed={seed}"]
         planned[f"faithful/joint_{JOINT_PARTITION}_s{seed}"] = joint
         for method in SHORT_METHODS:
             overrides = ["experiment=fmnist_ssl", f"method={method}", *PARTITIONS["dirichlet0.5"]]
-            planned[f"short/{method}_dirichlet0.5_s{seed}"] = [*overrides, *caps, f"seed={seed}"]
+            planned[f"short/{method}_dirichlet0.5_s{seed}"] = [*overrides, *caps, *common, f"seed={seed}"]
     return {name: o for name, o in planned.items() if only is None or name.startswith(tuple(only))}
 
 
@@ -105,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="PREFIX",
                         help="run only the jobs whose name starts with one of these (e.g. faithful/lorm short/)")
     args = parser.parse_args(argv)
-    caps = [f"train_per_class={args.train_per_class}", f"test_per_class={args.test_per_class}", "eval_every_round=false",
-            *args.set]
+    caps = [f"train_per_class={args.train_per_class}", f"test_per_class={args.test_per_class}"]
+    common = ["eval_every_round=false", *args.set]
     out = args.out.resolve()
-    planned = jobs(args.seeds, caps, args.only)
+    planned = jobs(args.seeds, caps, common, args.only)
     todo = {name: o for name, o in planned.items() if not (out / name / "results.json").is_file()}
     print(f"fcil-benchmark: {len(todo)} jobs to run ({len(planned) - len(todo)} done) in {out}", flush=True)
     started, finished, failed = time.monotonic(), 0, []
@@ -121,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             eta = (time.monotonic() - started) / finished * (len(todo) - finished)
             print(f"fcil-benchmark: [{finished}/{len(todo)}] {futures[future]} "
                   f"{'done' if done else 'FAILED'} in {seconds:.0f}s  ETA {eta / 60:.0f} min", flush=True)
-    tables = [f"# FCIL benchmark\n\nSettings: {' '.join(caps)}; seeds {args.seeds}.\n"]
-    for protocol in ("faithful", "short"):
+    tables = [f"# FCIL benchmark\n\nSettings: {' '.join(caps + common)} (alldata/: no caps); seeds {args.seeds}.\n"]
+    for protocol in ("faithful", "short", "alldata"):
         if (out / protocol).is_dir():
             tables.append(f"## {protocol}\n\n{build_report([out / protocol], out / protocol)}")
     tables.append(f"## Where LoRM's accuracy goes (faithful protocol)\n\n{diagnostics_table(out)}")

@@ -8,8 +8,10 @@ What travels between server and clients is the *trainable state*: a dict of name
 from __future__ import annotations
 
 import json
+import pickle
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from torch import nn
 
 from fedcil.errors import ConfigError, choices_error
@@ -152,26 +155,75 @@ class FCILModel(nn.Module):
         return self.head(self.head_inputs(images))
 
 
-def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
-    """Load a local checkpoint (safetensors or a torch state dict) strictly into the backbone."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"model.pretrained_path {path} does not exist")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _checkpoint_filter(backbone: nn.Module, source: dict) -> Callable:
+    """The architecture's own checkpoint filter (timm's convention: ``checkpoint_filter_fn`` in its module),
+    after which ``source`` declares the file's input channels as those of its first convolution, so that
+    timm adapts them only where they differ from the backbone's (a grey-scale SimCLR file loads as it is),
+    and ``source["read"]`` says that the file was read."""
+    arch_filter = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    own = backbone.state_dict()
-    bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
-    missing = [k for k in own if k not in state]
-    if bad or missing:
-        raise ConfigError(
-            f"checkpoint {path} does not match model: {len(bad)} unexpected/mis-shaped keys "
-            f"(e.g. {bad[:3]}), {len(missing)} missing (e.g. {missing[:3]})"
-        )
-    backbone.load_state_dict(state, strict=True)
+    def apply(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        source["read"] = True
+        state = arch_filter(state, model) if arch_filter is not None else state
+        conv = state.get(f"{source.get('first_conv')}.weight")
+        if conv is not None and conv.ndim == 4:
+            source["input_size"] = (conv.shape[1], *source.get("input_size", (3, 224, 224))[1:])
+        return state
+
+    return apply
+
+
+def _load_error_reason(exc: BaseException) -> str:
+    """One line out of a loading error: its first size mismatch (and how many more), else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    mismatches = [line for line in lines if line.startswith("size mismatch")]
+    if mismatches:
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        return mismatches[0] + more
+    return lines[0]
+
+
+def load_pretrained_weights(backbone: nn.Module, model_cfg: DictConfig, in_chans: int) -> None:
+    """Load the backbone's weights through timm's own pretrained loader (``timm.models.load_pretrained``).
+
+    The weights are ``model.pretrained_path`` (safetensors or a torch state dict: our SimCLR
+    checkpoints, or a timm / hub checkpoint with or without its classifier), else timm's hub
+    weights of ``model.name`` (or its hub cache, offline). As for any timm pretrained model the
+    classifier is dropped, the input convolution adapted to ``in_chans`` and the position
+    embeddings resized to the backbone's grid; every other tensor must match: a missing,
+    unexpected or mis-shaped key is a one-line error naming the file.
+    """
+    path = model_cfg.pretrained_path
+    source = dict(backbone.pretrained_cfg)
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"model.pretrained_path {path} does not exist")
+        source.update(file=str(file), source="file", custom_load=False)  # custom_load: timm's .npz reader
+    keys: dict[str, list[str]] = {}
+    hook = backbone.register_load_state_dict_post_hook(
+        lambda _module, found: keys.update(missing=list(found.missing_keys), unexpected=list(found.unexpected_keys))
+    )
+    try:
+        timm.models.load_pretrained(backbone, source, num_classes=0, in_chans=in_chans,
+                                    filter_fn=_checkpoint_filter(backbone, source), strict=False)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError) as exc:
+        reason = _load_error_reason(exc)
+        if source.get("read"):
+            keys["error"] = [reason]
+        elif path:
+            raise ConfigError(f"model.pretrained_path {path} could not be read as a checkpoint: {reason}") from None
+        else:
+            raise ConfigError(
+                f"model.pretrained=true: timm's weights for {model_cfg.name!r} could not be fetched ({reason}); "
+                "offline, pass the downloaded model.safetensors (or any local checkpoint) as model.pretrained_path=/abs/path/model.safetensors"
+            ) from None
+    finally:
+        hook.remove()
+    found = keys.pop("error", []) + [f"{len(names)} {kind} keys (e.g. {names[:3]})" for kind, names in keys.items() if names]
+    if found:
+        where = f"checkpoint {path}" if path else f"timm's hub weights for {model_cfg.name!r}"
+        raise ConfigError(f"{where} does not match model {model_cfg.name!r}: {', '.join(found)}")
 
 
 def model_img_size(model_cfg: DictConfig, image_size: int) -> int:
@@ -182,35 +234,29 @@ def model_img_size(model_cfg: DictConfig, image_size: int) -> int:
 def create_backbone(model_cfg: DictConfig, in_chans: int, image_size: int) -> nn.Module:
     """The timm backbone (no classifier), initialised from torch's global RNG (callers seed it).
 
-    ``model.pretrained`` takes timm's hub weights, unless ``model.pretrained_path`` names a
-    local checkpoint, which is loaded strictly instead. ``model.ssl`` needs a path (``fcil-run`` fills it in).
+    ``model.pretrained_path`` names a local checkpoint, else ``model.pretrained`` takes timm's hub
+    weights; either replaces the initial weights (:func:`load_pretrained_weights`). ``model.ssl``
+    needs a path (``fcil-run`` fills it in).
     """
     img_size = model_img_size(model_cfg, image_size)
     patch = auto_patch_size(img_size) if model_cfg.patch_size == "auto" else int(model_cfg.patch_size)
     kwargs = dict(OmegaConf.to_container(model_cfg.kwargs, resolve=True))
-    from_hub = bool(model_cfg.pretrained) and not model_cfg.pretrained_path  # a local checkpoint replaces them
     try:
         backbone = timm.create_model(
-            model_cfg.name, pretrained=from_hub, num_classes=0,
+            model_cfg.name, pretrained=False, num_classes=0,
             img_size=img_size, patch_size=patch, in_chans=in_chans, **kwargs,
         )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ConfigError(f"unknown timm model {model_cfg.name!r}; see timm.list_models('vit_*')") from None
         raise
-    except OSError as exc:  # the hub unreachable, or the weights not in its cache
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"model.pretrained=true: timm's weights for {model_cfg.name!r} could not be fetched ({reason}); "
-            "offline, pass a local checkpoint with model.pretrained_path=/abs/path/backbone.safetensors"
-        ) from None
-    if model_cfg.pretrained_path:
-        load_backbone_checkpoint(backbone, model_cfg.pretrained_path)
-    elif model_cfg.ssl:
+    if model_cfg.ssl and not model_cfg.pretrained_path:
         raise ConfigError(
             "model.ssl=true needs model.pretrained_path: run through fcil-run or fcil-sweep (they pretrain "
             "or reuse the cached checkpoint), or run fcil-pretrain and pass the path it prints"
         )
+    if model_cfg.pretrained_path or model_cfg.pretrained:
+        load_pretrained_weights(backbone, model_cfg, in_chans)
     return backbone
 
 

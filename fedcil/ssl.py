@@ -210,11 +210,23 @@ def shipped_checkpoint(folder: Path) -> PretrainResult:
     return PretrainResult(folder / CHECKPOINT, settings, reused=True)
 
 
-def ensure_pretrained(cfg: DictConfig, log: Callable[[str], None] = print) -> PretrainResult:
-    """The checkpoint for ``cfg``: cached, else shipped in ``pretrained/``, else pretrained now into the cache."""
+def ensure_pretrained(cfg: DictConfig, log: Callable[[str], None] = print, retrain: bool = False) -> PretrainResult:
+    """The checkpoint for ``cfg``: cached, else shipped in ``pretrained/``, else pretrained now into the cache.
+
+    ``retrain``: pretrain now into the cache whatever the cache or ``pretrained/`` hold (how a
+    shipped checkpoint is reproduced), and log the shipped one's probe and whether the bytes agree.
+    """
     data = load_dataset(cfg.dataset)
     folder = checkpoint_dir(cfg, data)
     shipped = SHIPPED_DIR / folder.name
+    if retrain:
+        result = PretrainResult(folder / CHECKPOINT, pretrain(cfg, data, folder, log), reused=False)
+        if (shipped / SETTINGS).is_file():
+            known = json.loads((shipped / SETTINGS).read_text())
+            same = "the same bytes" if known.get("sha256") == result.settings["sha256"] else "other bytes"
+            log(f"pretrain: the shipped {shipped / CHECKPOINT} has linear probe {known['linear_probe_accuracy']:.2f}%; "
+                f"this one {result.settings['linear_probe_accuracy']:.2f}%, {same}")
+        return result
     if (folder / CHECKPOINT).is_file() and (folder / SETTINGS).is_file():
         result = PretrainResult(folder / CHECKPOINT, json.loads((folder / SETTINGS).read_text()), reused=True)
     elif (shipped / CHECKPOINT).is_file():

@@ -108,3 +108,30 @@ def test_cache_is_reused_for_the_same_settings_and_data_only(tmp_path):
     data = load_dataset(cfg.dataset)
     assert checkpoint_dir(cfg_for(tmp_path, "pretrain.epochs=2", "pretrain.max_images=256"), data) != first.path.parent
     assert checkpoint_dir(cfg, tiny_data()) != first.path.parent
+
+
+def test_fcil_pretrain_retrain_trains_anew_instead_of_returning_the_shipped_file(tmp_path, monkeypatch, capsys):
+    """The reproduce command (``fcil-pretrain --retrain``) pretrains even where a checkpoint is shipped for
+    its settings; without ``--retrain`` the shipped file is what comes back."""
+    from fedcil import ssl
+    from fedcil.cli.pretrain import main
+
+    overrides = ["experiment=digits_ssl", "pretrain.epochs=1", "pretrain.max_images=128", "pretrain.batch_size=64",
+                 "pretrain.hidden_dim=32", "pretrain.projection_dim=16", "model.kwargs.embed_dim=32",
+                 "model.kwargs.depth=1", f"pretrain.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_config("config", overrides)
+    data = load_dataset(cfg.dataset)
+    shipped = tmp_path / "pretrained" / checkpoint_dir(cfg, data).name
+    pretrain(cfg, data, shipped, log=lambda m: None)  # the repository's pretrained/ for these settings
+    monkeypatch.setattr(ssl, "SHIPPED_DIR", tmp_path / "pretrained")
+    assert main(overrides) == 0
+    assert f"checkpoint {shipped / CHECKPOINT} " in capsys.readouterr().out
+    shipped_written = (shipped / CHECKPOINT).stat().st_mtime_ns
+    assert main(["--retrain", *overrides]) == 0
+    out = capsys.readouterr().out
+    fresh = checkpoint_dir(cfg, data) / CHECKPOINT
+    assert f"checkpoint {fresh} " in out and "pretrain: epoch 1/1 loss" in out and "reusing" not in out
+    assert fresh.is_file() and fresh.stat().st_mtime_ns >= shipped_written
+    assert f"the shipped {shipped / CHECKPOINT} has linear probe" in out
+    recorded = json.loads((fresh.parent / SETTINGS).read_text())
+    assert recorded["sha256"] == ssl.file_sha256(fresh) and recorded["images"] == 128

@@ -63,6 +63,19 @@ def privacy_spent(rounds: list[dict], privacy: dict | None = None) -> dict[str, 
     return spent | ({"dp": privacy} if privacy else {})
 
 
+def backbone_weights(cfg: DictConfig) -> dict[str, Any]:
+    """Which weights the run's backbone had: the checkpoint file (absolute path and SHA-256), timm's hub
+    weights of ``model.name``, or a random initialisation from the run's seed."""
+    from fedcil.ssl import file_sha256
+
+    if cfg.model.pretrained_path:
+        file = Path(cfg.model.pretrained_path).expanduser().resolve()
+        return {"weights": "file", "path": str(file), "sha256": file_sha256(file)}
+    if cfg.model.pretrained:
+        return {"weights": "hub", "name": cfg.model.name}
+    return {"weights": "random", "seed": cfg.seed}
+
+
 def build_results(
     cfg: DictConfig,
     accuracy_matrix: list[list[float | None]],
@@ -73,7 +86,8 @@ def build_results(
     setup_seconds: float,
     privacy: dict | None = None,
 ) -> dict[str, Any]:
-    """The results.json content of one run (every method, federated or not); ``privacy``: a DP run's ``dp``."""
+    """The results.json content of one run (every method, federated or not); ``backbone``: which weights the
+    backbone had (:func:`backbone_weights`); ``privacy``: a DP run's ``dp``."""
     from fedcil.config import to_container
     from fedcil.metrics import summary
 
@@ -82,6 +96,7 @@ def build_results(
         "dataset": cfg.dataset.name,
         "num_tasks": len(accuracy_matrix),
         "num_clients": cfg.num_clients,
+        "backbone": backbone_weights(cfg),
         "accuracy_matrix": accuracy_matrix,
         **summary(accuracy_matrix, counts),
         "bytes_up": sum(r["bytes_up"] for r in rounds),

@@ -198,8 +198,9 @@ def pretrain(cfg: DictConfig, data: ImageData, out: Path, log: Callable[[str], N
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The SHA-256 of a file's bytes, in hex (read in chunks: a ViT-B checkpoint is 340 MB)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def shipped_checkpoint(folder: Path) -> PretrainResult:

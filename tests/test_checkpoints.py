@@ -115,3 +115,24 @@ def test_a_file_that_is_no_checkpoint_is_one_line_naming_it(filename, tmp_path):
     with pytest.raises(ConfigError, match=rf"^model.pretrained_path {path} could not be read as a checkpoint: ") as err:
         create_backbone(model_cfg(f"model.pretrained_path={path}"), in_chans=3, image_size=32)
     assert "\n" not in str(err.value)
+
+
+def test_results_json_names_the_backbone_file_by_path_and_sha256():
+    """Which of several checkpoints a run used is in its results.json: the shipped file's path and the
+    SHA-256 its pretrain.json was shipped with."""
+    import json
+
+    from fedcil.results import build_results
+    from fedcil.ssl import CHECKPOINT, SETTINGS, SHIPPED_DIR
+
+    folder = next(SHIPPED_DIR.glob(f"*/{SETTINGS}")).parent
+    runs = {
+        "file": compose_config("config", [f"model.pretrained_path={folder / CHECKPOINT}"]),
+        "hub": compose_config("config", ["model=vit_b16"]),
+        "random": compose_config("config", ["seed=7"]),
+    }
+    recorded = {kind: build_results(cfg, [[50.0]], [1], [], 1.0, 0.0, 0.0)["backbone"] for kind, cfg in runs.items()}
+    assert recorded["file"] == {"weights": "file", "path": str(folder / CHECKPOINT),
+                                "sha256": json.loads((folder / SETTINGS).read_text())["sha256"]}
+    assert recorded["hub"] == {"weights": "hub", "name": "vit_base_patch16_224.augreg_in21k"}
+    assert recorded["random"] == {"weights": "random", "seed": 7}

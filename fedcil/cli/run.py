@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 from fedcil.checkpoint import STATE_FILE
 from fedcil.config import chooses_num_clients, compose_config, override_values, quote_value
 from fedcil.errors import ConfigError
+from fedcil.files import write_atomic
 from fedcil.results import default_output_dir
 from fedcil.settings import check_settings
 
@@ -181,9 +182,23 @@ def stop_superlink(port: int) -> None:
     stop_processes(superlink_family(port))
 
 
+def write_flower_config(home: Path) -> None:
+    """Flower's default ``config.toml`` in ``home`` where it has none (``flwr`` would write the same, and print
+    "Flower configuration not found" on every fresh home)."""
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML, FLOWER_CONFIG_FILE
+
+    if not (home / FLOWER_CONFIG_FILE).exists():
+        write_atomic(home / FLOWER_CONFIG_FILE, DEFAULT_FLOWER_CONFIG_TOML)
+
+
 def flower_env(site: FlowerSite) -> dict[str, str]:
-    """Environment for ``flwr``: the site, no telemetry, no per-run dependency installs, a 0.25 s task poll."""
+    """Environment for ``flwr`` (whose home gets Flower's default config): the site, no telemetry, no per-run
+    dependency installs, a 0.25 s task poll, and Ray's coming default of leaving the GPUs visible to actors
+    that ask for none (without it every simulation printed Ray's FutureWarning): clients that train
+    on CUDA here ask for a share (:func:`gpus_per_client`)."""
+    write_flower_config(site.home)
     env = dict(os.environ)
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     env["FLWR_HOME"] = str(site.home)
     env[PORT_VARIABLE] = str(site.port)
     env[CONTROL_PORT_VARIABLE] = str(site.control_port)
@@ -199,7 +214,7 @@ def gpus_per_client(device: str, cuda_available: bool, num_gpus: float, clients_
 
     ``client_resources.num_gpus`` when it is set (above 0); otherwise, when the clients
     will train on CUDA (``device`` ``cuda``/``cuda:N``, or ``auto`` with CUDA available),
-    ``1 / clients_per_gpu``, since Ray hides the GPUs from actors that ask for none.
+    ``1 / clients_per_gpu``, so that Ray places at most that many clients on a GPU.
     ``device=cuda`` without CUDA is a :class:`ConfigError`.
     """
     wants_cuda = device == "cuda" or device.startswith("cuda:")

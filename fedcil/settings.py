@@ -21,7 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_INITS = ("torch", "timm")
 WEIGHTINGS = ("bounded", "claimed", "capped", "uniform")  # replies.weighting (server_app/influence.py)
 SUMS_OF_STATISTICS = ("lorm", "analytic")  # methods whose replies are statistics, not trained tensors
-ANALYTIC_RIDGES = ("gcv",)  # method.ridge of analytic besides a number >= 0: chosen by the server (strategies/analytic.py)
+ANALYTIC_RIDGES = ("gcv", "validation")  # method.ridge of analytic besides a number >= 0: chosen per task (strategies/analytic.py)
 DP_METHODS = ("fedavg_lora", "ffa_lora", "head_only")  # methods whose merge is an average of trained tensors: dp
 CHOICES = {
     "backend": ("flower", "inprocess"),
@@ -138,6 +138,7 @@ RANGES: dict[str, Range] = {
     "method.gram_passes": at_least(1),
     "method.ridge": at_least(0, float),
     "method.projection_dim": at_least(0),
+    "method.holdout": Range(float, low=0, high=1, low_open=True, high_open=True),
     "dataset.test_fraction": Range(float, low=0, high=1, low_open=True, high_open=True),
     "pretrain.epochs": at_least(1),
     "pretrain.batch_size": at_least(2),
@@ -202,7 +203,7 @@ def check_differential_privacy(cfg: DictConfig) -> None:
 
 
 def check_analytic(cfg: DictConfig) -> None:
-    """``method.ridge`` (a number >= 0 or ``gcv``) and ``method.blocks`` (null or a list of distinct integers;
+    """``method.ridge`` (a number >= 0, ``gcv`` or ``validation``) and ``method.blocks`` (null or a list of distinct integers;
     the model checks them against the backbone's depth)."""
     ridge = cfg.method.ridge
     if ridge not in ANALYTIC_RIDGES and not at_least(0, float).allows(ridge):

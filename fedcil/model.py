@@ -204,26 +204,28 @@ def load_pretrained_weights(backbone: nn.Module, model_cfg: DictConfig, in_chans
     hook = backbone.register_load_state_dict_post_hook(
         lambda _module, found: keys.update(missing=list(found.missing_keys), unexpected=list(found.unexpected_keys))
     )
+    mismatches = []
     try:
         timm.models.load_pretrained(backbone, source, num_classes=0, in_chans=in_chans,
                                     filter_fn=_checkpoint_filter(backbone, source), strict=False)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError) as exc:
         reason = _load_error_reason(exc)
-        if source.get("read"):
-            keys["error"] = [reason]
+        if source.get("read"):  # read, then refused by the architecture's filter or the backbone
+            mismatches.append(reason)
         elif path:
             raise ConfigError(f"model.pretrained_path {path} could not be read as a checkpoint: {reason}") from None
         else:
             raise ConfigError(
                 f"model.pretrained=true: timm's weights for {model_cfg.name!r} could not be fetched ({reason}); "
-                "offline, pass the downloaded model.safetensors (or any local checkpoint) as model.pretrained_path=/abs/path/model.safetensors"
+                "offline, pass the downloaded model.safetensors (or any local checkpoint) as "
+                "model.pretrained_path=/abs/path/model.safetensors"
             ) from None
     finally:
         hook.remove()
-    found = keys.pop("error", []) + [f"{len(names)} {kind} keys (e.g. {names[:3]})" for kind, names in keys.items() if names]
-    if found:
+    mismatches += [f"{len(names)} {kind} keys (e.g. {names[:3]})" for kind, names in keys.items() if names]
+    if mismatches:
         where = f"checkpoint {path}" if path else f"timm's hub weights for {model_cfg.name!r}"
-        raise ConfigError(f"{where} does not match model {model_cfg.name!r}: {', '.join(found)}")
+        raise ConfigError(f"{where} does not match model {model_cfg.name!r}: {', '.join(mismatches)}")
 
 
 def model_img_size(model_cfg: DictConfig, image_size: int) -> int:

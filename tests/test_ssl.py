@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from fedcil.config import compose_config
 from fedcil.data import ArrayDataset, ImageData, load_dataset
 from fedcil.errors import ConfigError
-from fedcil.model import build_model
+from fedcil.model import build_model, create_backbone
 from fedcil.ssl import CHECKPOINT, SETTINGS, checkpoint_dir, ensure_pretrained, nt_xent, pretrain, random_views
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -113,6 +113,8 @@ def test_cache_is_reused_for_the_same_settings_and_data_only(tmp_path):
 def test_fcil_pretrain_retrain_trains_anew_instead_of_returning_the_shipped_file(tmp_path, monkeypatch, capsys):
     """The reproduce command (``fcil-pretrain --retrain``) pretrains even where a checkpoint is shipped for
     its settings; without ``--retrain`` the shipped file is what comes back."""
+    from safetensors.torch import save_file
+
     from fedcil import ssl
     from fedcil.cli.pretrain import main
 
@@ -121,8 +123,12 @@ def test_fcil_pretrain_retrain_trains_anew_instead_of_returning_the_shipped_file
                  "model.kwargs.depth=1", f"pretrain.cache_dir={tmp_path / 'cache'}"]
     cfg = compose_config("config", overrides)
     data = load_dataset(cfg.dataset)
-    shipped = tmp_path / "pretrained" / checkpoint_dir(cfg, data).name
-    pretrain(cfg, data, shipped, log=lambda m: None)  # the repository's pretrained/ for these settings
+    shipped = tmp_path / "pretrained" / checkpoint_dir(cfg, data).name  # the repository's pretrained/ for these settings
+    untrained = create_backbone(OmegaConf.merge(cfg.model, {"ssl": False}), data.in_chans, data.image_size)
+    shipped.mkdir(parents=True)
+    save_file(untrained.state_dict(), str(shipped / CHECKPOINT))
+    (shipped / SETTINGS).write_text(json.dumps({"sha256": ssl.file_sha256(shipped / CHECKPOINT),
+                                                "linear_probe_accuracy": 12.5}))
     monkeypatch.setattr(ssl, "SHIPPED_DIR", tmp_path / "pretrained")
     assert main(overrides) == 0
     assert f"checkpoint {shipped / CHECKPOINT} " in capsys.readouterr().out
@@ -132,6 +138,6 @@ def test_fcil_pretrain_retrain_trains_anew_instead_of_returning_the_shipped_file
     fresh = checkpoint_dir(cfg, data) / CHECKPOINT
     assert f"checkpoint {fresh} " in out and "pretrain: epoch 1/1 loss" in out and "reusing" not in out
     assert fresh.is_file() and fresh.stat().st_mtime_ns >= shipped_written
-    assert f"the shipped {shipped / CHECKPOINT} has linear probe" in out
+    assert f"the shipped {shipped / CHECKPOINT} has linear probe 12.50%" in out and "other bytes" in out
     recorded = json.loads((fresh.parent / SETTINGS).read_text())
     assert recorded["sha256"] == ssl.file_sha256(fresh) and recorded["images"] == 128

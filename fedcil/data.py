@@ -202,18 +202,21 @@ def load_cifar100(cfg: DictConfig) -> ImageData:
     )
 
 
+def square_images(image_size: int):
+    """The transform of the image-file data sets: resize, centre-crop to a square, to a tensor."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()])
+
+
 def image_folder(root: Path, image_size: int):
     """A torchvision ImageFolder whose images are resized and centre-cropped to a square."""
-    from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise ConfigError(f"image folder {root} does not exist (expected {root}/<class>/<image files>)")
-    transform = transforms.Compose(
-        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
-    )
     try:
-        return ImageFolder(str(root), transform=transform)
+        return ImageFolder(str(root), transform=square_images(image_size))
     except FileNotFoundError as exc:
         raise ConfigError(f"image folder {root}: {exc} (expected {root}/<class>/<image files>)") from None
 
@@ -235,13 +238,50 @@ def load_imagenet_r(cfg: DictConfig) -> ImageData:
     )
 
 
+class LabelledImages(Dataset):
+    """Image files with given labels, read and transformed on access."""
+
+    def __init__(self, paths: list[Path], labels: list[int], transform) -> None:
+        self.paths, self.targets, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
+        return self.transform(default_loader(str(self.paths[index]))), self.targets[index]
+
+
+def annotated_images(folder: Path, classes: list[str], image_size: int) -> LabelledImages:
+    """The archive's ``val/``: ``images/<file>`` labelled by ``val_annotations.txt`` (file, wnid, box)."""
+    index = {wnid: k for k, wnid in enumerate(classes)}
+    paths, labels = [], []
+    for line in (folder / "val_annotations.txt").read_text().splitlines():
+        if not line.strip():
+            continue
+        name, wnid = line.split("\t")[:2]
+        if wnid not in index:
+            raise ConfigError(f"{folder}/val_annotations.txt labels {name} with {wnid!r}, not a class of train/")
+        if not (folder / "images" / name).is_file():
+            raise ConfigError(f"{folder}/val_annotations.txt names {name}, which is not in {folder}/images")
+        paths.append(folder / "images" / name)
+        labels.append(index[wnid])
+    return LabelledImages(paths, labels, square_images(image_size))
+
+
 @DATASETS.register("tiny_imagenet")
 def load_tiny_imagenet(cfg: DictConfig) -> ImageData:
-    """Tiny-ImageNet from ``root/train/<wnid>/...`` and ``root/val/<wnid>/...``."""
+    """Tiny-ImageNet from ``root/train/<wnid>/...`` and, as in the archive, ``root/val/images`` with
+    ``root/val/val_annotations.txt`` (or ``root/val/<wnid>/...``, the validation images sorted)."""
     train = image_folder(Path(cfg.root) / "train", cfg.image_size)
-    test = image_folder(Path(cfg.root) / "val", cfg.image_size)
-    if train.classes != test.classes:
-        raise ConfigError(f"{cfg.root}/train and {cfg.root}/val have different class folders")
+    val = Path(cfg.root) / "val"
+    if (val / "val_annotations.txt").is_file():
+        test = annotated_images(val, train.classes, cfg.image_size)
+    else:
+        test = image_folder(val, cfg.image_size)
+        if train.classes != test.classes:
+            raise ConfigError(f"{cfg.root}/train and {cfg.root}/val have different class folders")
     return ImageData(
         train=train,
         test=test,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -284,3 +285,34 @@ def test_iterate_batches(generic):
     assert sorted(shuffled) == indices.tolist() and shuffled != indices.tolist()
     assert collect(dataset, indices, shuffle=True, seed=5) == shuffled
     assert collect(base, indices, shuffle=True, seed=5) == shuffled  # same order on both paths
+
+
+def write_tiny_imagenet_archive(root: Path, annotations: str) -> None:
+    """The official layout: train/<wnid>/images/*.JPEG (with a boxes file) and val/images + annotations."""
+    for wnid, n in (("n01", 3), ("n02", 2)):
+        write_images(root / "train" / wnid, {"images": n})
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("0.png\t0\t0\t4\t4\n")
+    write_images(root / "val", {"images": 3}, seed=1)
+    (root / "val" / "val_annotations.txt").write_text(annotations)
+
+
+def test_tiny_imagenet_as_the_archive_unpacks(tmp_path):
+    """val/images is labelled by val_annotations.txt (file, wnid, box), with train/'s class indices."""
+    write_tiny_imagenet_archive(tmp_path, "2.png\tn01\t0\t0\t4\t4\n0.png\tn02\t1\t1\t3\t3\n1.png\tn02\t0\t0\t2\t2\n\n")
+    data = DATASETS.get("tiny_imagenet")(folder_cfg(tmp_path, image_size=12))
+    assert (len(data.train), len(data.test), data.num_classes) == (5, 3, 2)
+    assert data.train_labels.tolist() == [0, 0, 0, 1, 1] and data.test_labels.tolist() == [0, 1, 1]
+    images, labels = next(iterate_batches(data.test, np.arange(3), batch_size=3))
+    assert images.shape == (3, 3, 12, 12) and labels.tolist() == [0, 1, 1]
+    assert [p.name for p in data.test.paths] == ["2.png", "0.png", "1.png"]
+
+
+@pytest.mark.parametrize(("annotations", "message"), [
+    ("0.png\tn09\t0\t0\t4\t4\n", "labels 0.png with 'n09', not a class of train/"),
+    ("7.png\tn01\t0\t0\t4\t4\n", "names 7.png, which is not in"),
+])
+def test_tiny_imagenet_annotations_that_do_not_fit_give_one_line(tmp_path, annotations, message):
+    write_tiny_imagenet_archive(tmp_path, annotations)
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        DATASETS.get("tiny_imagenet")(folder_cfg(tmp_path))
+    assert "\n" not in str(err.value)

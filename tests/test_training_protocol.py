@@ -143,7 +143,7 @@ def test_repeated_gram_passes_average_fresh_views():
 
 
 def test_the_lorm_presets_follow_the_authors_protocol():
-    for preset in ("lorm_cifar100", "lorm_imagenet_r", "fmnist_lorm"):
+    for preset in ("lorm_cifar100", "lorm_imagenet_r", "lorm_tiny_imagenet", "fmnist_lorm"):
         cfg = compose_config("config", [f"experiment={preset}"])
         assert cfg.lora.alpha == cfg.lora.rank  # no LoRA scaling: W0 + B A
         assert (cfg.optimizer, cfg.weight_decay, cfg.lr, cfg.batch_size) == ("adamw", 0.0, 0.003, 16)

@@ -13,7 +13,7 @@ import torch
 from fedcil.cli.inprocess import run_inprocess
 from fedcil.cli.run import APP_DIR
 from fedcil.config import compose_config
-from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict
+from fedcil.protocol import ClientUpdate, RoundPlan, Shapes, TensorDict, WeightedSums
 from strategies import METHODS, ClientRound, FederatedStrategy
 from strategies.aggregation import sum_updates
 
@@ -31,6 +31,10 @@ class HeadSums(FederatedStrategy):
         if plan.extra.get("statistics") == "head-sums":
             return {f"{key}.n": tuple(plan.state[key].shape) for key in HEAD}
         return super().expected_reply(plan, task)
+
+    def weighted_sums(self, plan: RoundPlan) -> WeightedSums:
+        """Both replies are ``n_k`` times a value: the influence bounds scale them with a cut claim."""
+        return WeightedSums(per_example=tuple(f"{key}.n" for key in HEAD))
 
     @classmethod
     def client_reply(cls, method, client: ClientRound) -> TensorDict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from fedcil.cli.run import launch
@@ -107,9 +108,29 @@ def test_a_paper_preset_runs_one_round_on_its_data_sets_format(preset, tmp_path,
         "local_epochs=1", "backend=inprocess", "device=cpu", "checkpoint=false",
         f"output_dir={tmp_path / 'out'}",
     ])
-    results = json.loads((out / "results.json").read_text())
-    assert len(results["accuracy_matrix"]) == 1 and len(results["accuracy_matrix"][0]) == 1
-    assert 0.0 <= results["accuracy_matrix"][0][0] <= 100.0
+    results, preset_cfg = json.loads((out / "results.json").read_text()), compose_config("config", [f"experiment={preset}"])
+    assert (results["method"], results["dataset"]) == (preset_cfg.method.name, dataset)
+    assert results["config"]["model"]["name"] == preset_cfg.model.name
+    assert results["config"]["replies"] == OmegaConf.to_container(preset_cfg.replies)
+    [only_round] = results["rounds"]
+    assert only_round["clients"] == 2 and not only_round["missing"] and np.isfinite(only_round["loss"])
+    assert len(results["accuracy_matrix"]) == 1 and 0.0 <= results["accuracy_matrix"][0][0] <= 100.0
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys |= leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}"}
+    return keys
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_a_paper_preset_sets_only_keys_that_exist(preset):
+    """A misspelt key would be added silently (and ignored): the preset's keys are those of its groups."""
+    defaults = OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml").defaults
+    groups = [f"{group.removeprefix('override /')}={option}" for entry in defaults for group, option in entry.items()]
+    keys = leaf_keys(OmegaConf.to_container(compose_config("config", [f"experiment={preset}"])))
+    assert keys - leaf_keys(OmegaConf.to_container(compose_config("config", groups))) == set()
 
 
 @pytest.mark.parametrize("preset", PAPER_PRESETS)

@@ -7,19 +7,30 @@ from dataclasses import dataclass
 from flwr.app import Context
 
 from fedcil.config import chooses_num_clients, parse_overrides, quote_value
+from fedcil.errors import ConfigError, choices_error
+
+
+NODE_DATA = ("full", "local")  # node config ``data``: the whole data set under data-dir, or the site's own folder
 
 
 def node_overrides(context: Context) -> list[str]:
     """The run's overrides, plus what this SuperNode's node config decides.
 
-    Its data directory (``data-dir``), and the number of clients (``num-partitions``)
-    unless the run chooses ``num_clients`` itself.
+    Its data (``data-dir``: the data set's root, or with ``data="local"`` the site's own folder,
+    :func:`fedcil.data.load_site`), and the number of clients (``num-partitions``) unless the
+    run chooses ``num_clients`` itself.
     """
     overrides = parse_overrides(str(context.run_config["overrides"]))
     if not chooses_num_clients(overrides):
         overrides.append(f"num_clients={int(context.node_config['num-partitions'])}")
+    mode = str(context.node_config.get("data", "full"))
+    if mode not in NODE_DATA:
+        raise choices_error("node config data", mode, list(NODE_DATA))
+    if mode == "local" and "data-dir" not in context.node_config:
+        raise ConfigError('node config data="local" needs data-dir, the site\'s own folder')
     if "data-dir" in context.node_config:
-        overrides.append(f"dataset.root={quote_value(str(context.node_config['data-dir']))}")
+        key = "dataset.site_dir" if mode == "local" else "dataset.root"
+        overrides.append(f"{key}={quote_value(str(context.node_config['data-dir']))}")
     return overrides
 
 

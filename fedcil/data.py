@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from fedcil.errors import ConfigError
 from fedcil.registry import Registry
-from fedcil.shapes import FIXED_SHAPES
+from fedcil.shapes import FIXED_SHAPES, DataShape, declared_shape
 
 DATASETS: Registry = Registry("dataset")
 
@@ -293,16 +294,103 @@ def load_tiny_imagenet(cfg: DictConfig) -> ImageData:
     )
 
 
+SITE_SPLITS = ("train", "test")
+SITE_FILE = "site.json"
+PIXEL_MAX = {"digits": 16}  # the largest pixel value of a data set's images where it is not 255
+
+
+def pixel_max(name: str) -> int:
+    """The largest stored pixel value of data set ``name`` (its images are ``uint8`` in ``0..pixel_max``)."""
+    return PIXEL_MAX.get(name, 255)
+
+
+def site_arrays(data: ImageData, split: str, indices: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``indices`` of ``data``'s ``split`` as a site stores them (``uint8`` N x C x H x W) and their own labels."""
+    scale = pixel_max(name)
+    images = [np.zeros((0, data.in_chans, data.image_size, data.image_size), np.uint8)]
+    labels = [np.zeros(0, np.int64)]
+    for batch, classes in iterate_batches(getattr(data, split), indices, 512):
+        images.append(torch.round(batch * scale).to(torch.uint8).numpy())
+        labels.append(classes.numpy().astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def write_site(folder: Path, name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write a site folder: ``site.json`` and one ``<split>.npz`` (``images``, ``labels``) per split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in splits.items():
+        np.savez_compressed(folder / f"{split}.npz", images=images, labels=labels)
+    (folder / SITE_FILE).write_text(json.dumps({"dataset": name}) + "\n")
+
+
+def read_site_split(folder: Path, split: str, name: str, shape: DataShape) -> tuple[torch.Tensor, np.ndarray]:
+    """One split of a site folder, checked against data set ``name``: its images (N x C x H x W) and labels."""
+    path = folder / f"{split}.npz"
+    if not path.is_file():
+        raise ConfigError(f"site file {path} is missing (a site holds {', '.join(s + '.npz' for s in SITE_SPLITS)} and {SITE_FILE})")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path} is not a readable .npz file: {exc}") from None
+    missing = [key for key in ("images", "labels") if key not in arrays]
+    if missing:
+        raise ConfigError(f"{path} has no array {missing[0]!r}; a site file holds 'images' and 'labels'")
+    images, labels = arrays["images"], arrays["labels"]
+    expected = (shape.in_chans, shape.image_size, shape.image_size)
+    if images.ndim == 3 and shape.in_chans == 1:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ConfigError(f"{path}: images of shape {images.shape}, but dataset={name} needs N x {' x '.join(map(str, expected))}")
+    top = pixel_max(name)
+    if images.dtype != np.uint8 or (images.size and int(images.max()) > top):
+        raise ConfigError(f"{path}: images must be uint8 in 0..{top} for dataset={name}, found {images.dtype} up to {images.max(initial=0)}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{path}: labels must be {len(images)} integers (one per image), found {labels.dtype} of shape {labels.shape}")
+    outside = labels[(labels < 0) | (labels >= shape.num_classes)]
+    if outside.size:
+        raise ConfigError(f"{path}: label {outside[0]} outside dataset={name}'s classes 0..{shape.num_classes - 1}")
+    return torch.from_numpy(np.ascontiguousarray(images)), labels.astype(np.int64)
+
+
+def load_site(cfg: DictConfig) -> ImageData:
+    """A site's own samples from ``cfg.site_dir`` (``site.json``, ``train.npz``, ``test.npz``); nothing else is read."""
+    folder = Path(cfg.site_dir)
+    try:
+        declared = json.loads((folder / SITE_FILE).read_text()).get("dataset")
+    except FileNotFoundError:
+        raise ConfigError(f"site file {folder / SITE_FILE} is missing (it names the data set: {{\"dataset\": \"{cfg.name}\"}})") from None
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(f"{folder / SITE_FILE} is not a JSON object naming the data set: {exc}") from None
+    if declared != cfg.name:
+        raise ConfigError(f"{folder / SITE_FILE} holds dataset={declared!r}, but the run uses dataset={cfg.name}")
+    shape = declared_shape(cfg)
+    (train_images, train_labels), (test_images, test_labels) = (
+        read_site_split(folder, split, cfg.name, shape) for split in SITE_SPLITS
+    )
+    scale = 1 / pixel_max(cfg.name)
+    return ImageData(
+        train=ArrayDataset(train_images, train_labels, scale),
+        test=ArrayDataset(test_images, test_labels, scale),
+        train_labels=train_labels,
+        test_labels=test_labels,
+        **vars(shape),
+    )
+
+
 @lru_cache(maxsize=2)
 def _load_cached(key: str) -> ImageData:
     cfg = OmegaConf.create(json.loads(key))
+    if OmegaConf.select(cfg, "site_dir") is not None:
+        return load_site(cfg)
     return DATASETS.get(cfg.name)(cfg)
 
 
 def load_dataset(cfg: DictConfig) -> ImageData:
     """Load the data set described by ``cfg`` (the ``dataset`` group), cached per process.
 
-    A ``num_classes`` set in the config must match the data found.
+    With ``site_dir`` set, only that site folder is read (:func:`load_site`). A ``num_classes``
+    set in the config must match the data found.
     """
     data = _load_cached(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True))
     declared = OmegaConf.select(cfg, "num_classes")

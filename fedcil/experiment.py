@@ -28,13 +28,18 @@ def task_seed(seed: int, task: int) -> int:
 
 @dataclass
 class Experiment:
-    """Data, task split and partitions of one config; partitions are computed lazily."""
+    """Data, task split and partitions of one config; partitions are computed lazily.
+
+    With ``site`` the data are one site's own samples (``dataset.site_dir``): the site's share
+    of a task is every sample of the task's classes, and its test shard its whole test set.
+    """
 
     cfg: DictConfig
     data: ImageData
     split: TaskSplit
     train_labels: np.ndarray  # new labels (position in the class order), -1 if unused
     test_labels: np.ndarray
+    site: bool = False
     _partitions: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -57,7 +62,9 @@ class Experiment:
         return self._partitions[task]
 
     def client_indices(self, task: int, partition_id: int) -> np.ndarray:
-        """Train-set indices that client ``partition_id`` holds for task ``task``."""
+        """Train-set indices that client ``partition_id`` holds for task ``task`` (a site: all of the task's)."""
+        if self.site:
+            return np.flatnonzero(self.split.task_of(self.train_labels) == task)
         return self.partitions(task)[partition_id]
 
     def test_indices(self, task: int) -> np.ndarray:
@@ -65,9 +72,18 @@ class Experiment:
         return np.flatnonzero(self.split.task_of(self.test_labels) == task)
 
     def test_shard(self, partition_id: int, num_partitions: int) -> np.ndarray:
-        """Client ``partition_id``'s own share of the test set (a seeded split into disjoint shards)."""
+        """Client ``partition_id``'s own share of the test set (a seeded split into disjoint shards; a site: all)."""
+        if self.site:
+            return np.arange(len(self.test_labels))
         order = np.random.default_rng(self.cfg.seed).permutation(len(self.test_labels))
         return np.sort(np.array_split(order, num_partitions)[partition_id])
+
+    def site_share(self, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
+        """What site ``partition_id`` holds: its train indices over all tasks, and its test shard's samples
+        that count (in a task, within ``test_per_class``); both sorted, so a site keeps their order."""
+        train = np.concatenate([self.client_indices(task, partition_id) for task in range(self.num_tasks)])
+        test = self.test_shard(partition_id, num_partitions)
+        return np.sort(train), test[self.test_labels[test] >= 0]
 
 
 def cap_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
@@ -85,7 +101,7 @@ def cap_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
-    """Load the data set and cut it into tasks as ``cfg`` says."""
+    """Load the data set (or the site's own samples) and cut it into tasks as ``cfg`` says."""
     data = load_dataset(cfg.dataset)
     split = split_for(cfg, data.num_classes)
     return Experiment(
@@ -94,6 +110,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         split=split,
         train_labels=cap_per_class(split.remap(data.train_labels), cfg.train_per_class, cfg.seed),
         test_labels=cap_per_class(split.remap(data.test_labels), cfg.test_per_class, cfg.seed),
+        site=OmegaConf.select(cfg, "dataset.site_dir") is not None,
     )
 
 

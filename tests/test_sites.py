@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client_app.node import node_overrides
+from client_app.node import NodeJob, node_overrides
 from fedcil.cli.export_sites import main as export_main
 from fedcil.cli.inprocess import inprocess_post, run_inprocess
 from fedcil.config import compose_config
@@ -65,8 +65,12 @@ def test_exported_sites_replay_the_simulation_exactly(tmp_path, capsys):
         simulated = run_inprocess(compose_config("config", [*run, f"output_dir={tmp_path / evaluation}"]))
 
         def cfg_for_node(k: int):
-            site = tmp_path / "sites" / f"site-{k}"
-            return compose_config("config", [*run, f"dataset.site_dir={site}", f"dataset.root={empty}"])
+            """Node k's config as its SuperNode composes it: data="local", data-dir its own folder."""
+            job = NodeJob.from_context(context(
+                {"partition-id": k, "data": "local", "data-dir": str(tmp_path / "sites" / f"site-{k}")},
+                " ".join([*run, f"dataset.root={empty}"]),
+            ))
+            return compose_config(job.config_name, list(job.overrides))
 
         server_cfg = compose_config("config", [*run, f"output_dir={tmp_path / (evaluation + '-sites')}"])
         replayed = run_rounds(site_post(cfg_for_node), [0, 1, 2], server_cfg, time.monotonic())
@@ -146,9 +150,10 @@ def test_a_site_file_without_its_arrays_is_named(tmp_path):
         load_dataset(compose_config("config", [f"dataset.site_dir={tmp_path}"]).dataset)
 
 
-def context(node_config: dict) -> Context:
+def context(node_config: dict, overrides: str = "seed=1") -> Context:
+    """What a SuperNode's ClientApp is given: its node config and the run config."""
     return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3, **node_config},
-                   state=RecordDict(), run_config={"overrides": "seed=1"})
+                   state=RecordDict(), run_config={"config-name": "config", "overrides": overrides})
 
 
 def test_node_config_data_local_reads_the_site_folder():

@@ -37,7 +37,7 @@ class TaskSplit:
 
     def remap(self, labels: np.ndarray) -> np.ndarray:
         """Original labels -> new labels; classes outside every task map to -1."""
-        lookup = np.full(int(max(labels.max(), self.class_order.max())) + 1, -1, dtype=np.int64)
+        lookup = np.full(int(max(labels.max(initial=0), self.class_order.max())) + 1, -1, dtype=np.int64)
         lookup[self.class_order] = np.arange(len(self.class_order))
         return lookup[labels]
 

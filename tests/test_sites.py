@@ -18,6 +18,7 @@ from fedcil.config import compose_config
 from fedcil.data import load_dataset
 from fedcil.errors import ConfigError
 from fedcil.experiment import experiment_for
+from fedcil.protocol import decode_reply
 from server_app.federation import RoundExchange
 from server_app.loop import run_rounds
 
@@ -30,8 +31,9 @@ RUN = [
 ]
 
 
-def site_post(cfg_for_node):
-    """A Post whose node ``k`` is an in-process client built from ``cfg_for_node(k)`` (its own site)."""
+def site_post(cfg_for_node, replies: list | None = None):
+    """A Post whose node ``k`` is an in-process client built from ``cfg_for_node(k)`` (its own site);
+    every ``(node, reply)`` is appended to ``replies`` if given."""
     posts = {}
 
     def post(contents, kind):
@@ -39,6 +41,8 @@ def site_post(cfg_for_node):
             posts.setdefault(node, inprocess_post(cfg_for_node(node)))({node: content}, kind)
             for node, content in contents.items()
         ]
+        if replies is not None:
+            replies.extend(r for e in exchanges for r in e.replies)
         return RoundExchange(
             replies=[r for e in exchanges for r in e.replies],
             bytes_up=sum(e.bytes_up for e in exchanges),
@@ -78,6 +82,24 @@ def test_exported_sites_replay_the_simulation_exactly(tmp_path, capsys):
         for k in range(3):
             site = experiment_for(cfg_for_node(k))
             assert [len(site.client_indices(t, k)) for t in range(2)] == held[k]
+
+
+def test_an_empty_site_takes_part_with_zero_examples(tmp_path):
+    """A site with no training and no test sample trains on nothing, says 0 examples, and the run completes."""
+    run = [o for o in RUN if not o.startswith("dataset=")] + ["evaluation=clients"]
+    assert export_main(["--out", str(tmp_path), *run]) == 0
+    empty = np.zeros((0, 8, 8), np.uint8), np.zeros(0, np.int64)
+    write_digits_site(tmp_path / "site-2", *empty)
+    replies: list = []
+    cfg = compose_config("config", [*run, f"output_dir={tmp_path / 'out'}"])
+    results = run_rounds(
+        site_post(lambda k: compose_config("config", [*run, f"dataset.site_dir={tmp_path / f'site-{k}'}"]), replies),
+        [0, 1, 2], cfg, time.monotonic(),
+    )
+    examples = {(node, decode_reply(node, reply).num_examples) for node, reply in replies}
+    assert {n for node, n in examples if node == 2} == {0}
+    assert any(n > 0 for node, n in examples if node != 2)
+    assert all(a is not None for a in results["accuracy_matrix"][-1])
 
 
 def test_a_site_needs_no_source_data_and_trains_on_its_tasks_classes(tmp_path):

@@ -39,12 +39,27 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored integer images as floats in [0, 1]."""
+        return images.float() * self.scale
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index].float() * self.scale, int(self.labels[index])
+        return self.pixels(self.images[index]), int(self.labels[index])
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch by fancy indexing (no per-item Python loop)."""
-        return self.images[indices].float() * self.scale, self.labels[indices]
+        return self.pixels(self.images[indices]), self.labels[indices]
+
+
+class DecodedImageArrays(ArrayDataset):
+    """Images of an image-file data set held as ``uint8`` arrays: floats exactly as torchvision's
+    ``ToTensor`` makes them from the decoded files (a division by 255, not a product with 1/255)."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray) -> None:
+        super().__init__(images, labels, 1 / 255)
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().div(255)
 
 
 @dataclass(frozen=True)
@@ -353,6 +368,14 @@ def read_site_split(folder: Path, split: str, name: str, shape: DataShape) -> tu
     return torch.from_numpy(np.ascontiguousarray(images)), labels.astype(np.int64)
 
 
+def site_dataset(name: str, images: torch.Tensor, labels: np.ndarray) -> ArrayDataset:
+    """A site's images as data set ``name``'s loader gives them: the array data sets scale their stored
+    integers, the image-file ones (not in ``FIXED_SHAPES``) give what ``ToTensor`` gives."""
+    if name in FIXED_SHAPES:
+        return ArrayDataset(images, labels, 1 / pixel_max(name))
+    return DecodedImageArrays(images, labels)
+
+
 def load_site(cfg: DictConfig) -> ImageData:
     """A site's own samples from ``cfg.site_dir`` (``site.json``, ``train.npz``, ``test.npz``); nothing else is read."""
     folder = Path(cfg.site_dir)
@@ -368,10 +391,9 @@ def load_site(cfg: DictConfig) -> ImageData:
     (train_images, train_labels), (test_images, test_labels) = (
         read_site_split(folder, split, cfg.name, shape) for split in SITE_SPLITS
     )
-    scale = 1 / pixel_max(cfg.name)
     return ImageData(
-        train=ArrayDataset(train_images, train_labels, scale),
-        test=ArrayDataset(test_images, test_labels, scale),
+        train=site_dataset(cfg.name, train_images, train_labels),
+        test=site_dataset(cfg.name, test_images, test_labels),
         train_labels=train_labels,
         test_labels=test_labels,
         **vars(shape),

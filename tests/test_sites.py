@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from client_app.node import NodeJob, node_overrides
@@ -100,6 +101,30 @@ def test_an_empty_site_takes_part_with_zero_examples(tmp_path):
     assert {n for node, n in examples if node == 2} == {0}
     assert any(n > 0 for node, n in examples if node != 2)
     assert all(a is not None for a in results["accuracy_matrix"][-1])
+
+
+def test_an_exported_image_folder_site_holds_the_loaders_pixels_exactly(tmp_path):
+    """imagenet_r from image files of other sizes (resized and cropped on load): a site folder holds
+    the same tensors, bit for bit, as the loader gives for the client's share."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in "abcd":
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(rng.integers(0, 256, (11, 14, 3), dtype=np.uint8)).save(tmp_path / "src" / cls / f"{k}.png")
+    run = ["dataset=imagenet_r", f"dataset.root={tmp_path / 'src'}", "dataset.image_size=8", "dataset.num_classes=4",
+           "num_tasks=2", "num_clients=2", "partition=iid"]
+    assert export_main(["--out", str(tmp_path / "sites"), *run]) == 0
+    source = experiment_for(compose_config("config", run))
+    for k in range(2):
+        site = experiment_for(compose_config("config", [*run, f"dataset.site_dir={tmp_path / 'sites' / f'site-{k}'}"]))
+        for split, indices in zip(("train", "test"), source.site_share(k, 2)):
+            assert len(getattr(site.data, split)) == len(indices) > 0
+            for mine, theirs in zip(range(len(indices)), indices):
+                image, label = getattr(site.data, split)[mine]
+                original, original_label = getattr(source.data, split)[int(theirs)]
+                assert torch.equal(image, original) and label == original_label
 
 
 def test_a_site_needs_no_source_data_and_trains_on_its_tasks_classes(tmp_path):

@@ -37,7 +37,7 @@ from fedcil.files import atomic_file, write_atomic
 CHECKPOINT = "backbone.safetensors"
 SETTINGS = "pretrain.json"
 NOT_BACKBONE = ("pretrained_path", "ssl", "head_init", "projection_dim")  # model settings a checkpoint does not depend on
-NOT_DATA = ("root", "download")  # where the data set lives: its content is hashed instead
+NOT_DATA = ("root", "download", "site_dir")  # where the data set lives: its content is hashed instead
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained"  # checkpoints that come with the repository
 
 

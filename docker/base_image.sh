@@ -2,8 +2,9 @@
 # Build a local stand-in for Flower's flwr/superexec image, for machines that reach no
 # container registry: Debian bookworm from debootstrap with python3, this machine's CA bundle
 # (so that pip works inside), and flwr at the version pinned in pyproject.toml, in a venv
-# at /python/venv on PATH, as in Flower's image. Needs root, debootstrap and a Docker
-# daemon (DOCKER_HOST is honoured).
+# at /python/venv on PATH, and the unprivileged user `app` (uid 49999, home /app) that it
+# runs as, as in Flower's image (the venv stays root's: that user cannot change the
+# installed packages). Needs root, debootstrap and a Docker daemon (DOCKER_HOST is honoured).
 #
 #   bash docker/base_image.sh [TAG]            # default TAG: fedcil-base:<flwr version>
 #   docker build -f docker/Dockerfile --network host --build-arg BASE_IMAGE=TAG -t fedcil-lora:0.1.0 .
@@ -37,8 +38,12 @@ FROM $rootfs_tag
 ENV PATH=/python/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     LANG=C.UTF-8
-RUN python3 -m venv /python/venv && pip install --no-cache-dir "flwr==$flwr_version"
+RUN python3 -m venv /python/venv && pip install --no-cache-dir "flwr==$flwr_version" \
+ && useradd --no-create-home --home-dir /app -c "" --uid 49999 app \
+ && mkdir -p /app && chown app:app /app
+ENV HOME=/app
 WORKDIR /app
+USER app
 EOF
 docker rmi "$rootfs_tag" >/dev/null 2>&1 || true
 echo "base_image.sh: built $tag"

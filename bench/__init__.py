@@ -7,10 +7,10 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def save_result(name: str, result: dict) -> Path:
-    """Write ``result`` to ``bench/results/<name>-<time>.json`` and say where."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"{name}-{datetime.now():%Y%m%d-%H%M%S}.json"
+def save_result(name: str, result: dict, folder: Path = RESULTS_DIR) -> Path:
+    """Write ``result`` to ``<folder>/<name>-<time>.json`` (default ``bench/results/``) and say where."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {out}")
     return out

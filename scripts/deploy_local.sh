@@ -35,7 +35,8 @@
 # copy of the app that flwr run packs), one log per process (superlink, serverapp: its SuperExec
 # and the ServerApp, supernode-i, clientapp-i: node i's SuperExec and ClientApps), pids, ports,
 # and results/ (unless an override sets output_dir). num_clients must equal NODES.
-# Exit code: 0 when the run finished completed.
+# Exit code: 0 when the run finished completed; -r site runs until stopped, and exits 1 as soon
+# as one of its SuperNodes or SuperExecs exits on its own.
 set -euo pipefail
 APP=$(cd "$(dirname "$0")/.." && pwd)
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; }
@@ -237,5 +238,9 @@ case $role in
   site)
     supernodes
     echo "deploy_local.sh: SuperNodes $first..$last serving; stop with Ctrl-C or SIGTERM"
-    wait ;;
+    # Ctrl-C or SIGTERM ends the wait through the trap (exit 130); a process that ends on its own
+    # (a SuperNode refused by the SuperLink, a crash) ends the site role with an error.
+    wait -n || true
+    echo "deploy_local.sh: a SuperNode or its SuperExec exited on its own; see $work/supernode-*.log and clientapp-*.log" >&2
+    exit 1 ;;
 esac

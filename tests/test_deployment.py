@@ -150,7 +150,8 @@ def veth_bytes(host: tuple[str, str], direction: str) -> int:
 def test_three_sites_on_a_site_host_with_only_their_folders_replay_the_simulation_over_tls_to_the_server_host(tmp_path, two_hosts):
     """Two hosts (network namespaces): the server host runs the SuperLink, its SuperExec and the run
     (deploy_local.sh -r server), the site host 3 SuperNodes and their SuperExecs (-r site -s), each
-    reading only its site folder exported by fcil-export-sites. No full data set is reachable on the
+    reading only its site folder exported by fcil-export-sites, with SuperNode authentication (-a):
+    the site host makes the key pairs and the server host registers the public keys it was sent. No full data set is reachable on the
     site host: the copy the sites came from is deleted, the run's dataset.root names it, and the
     site host sees an empty /usr/share/datasets. The server loads no data (evaluation=clients).
     The accuracy matrix equals the in-process simulation's exactly."""
@@ -173,13 +174,20 @@ def test_three_sites_on_a_site_host_with_only_their_folders_replay_the_simulatio
         for file in files:
             (host / file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(operator / file, host / file)
+    # -a: each site's key pair is made on the site host; only the public keys travel.
+    (site / "keys").mkdir()
+    (server / "keys").mkdir()
+    for i in range(3):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(site / "keys" / f"supernode-{i}")], check=True)
+        shutil.copy2(site / "keys" / f"supernode-{i}.pub", server / "keys" / f"supernode-{i}.pub")
+    (site / "keys" / "trusted.pub").write_text("".join((site / "keys" / f"supernode-{i}.pub").read_text() for i in range(3)))
 
     port = "9093"  # the server host's own network: nothing else listens there
-    server_cmd = [*in_host(two_hosts["server"]), "bash", str(DEPLOY), "-r", "server", "-w", str(server), "-l", SERVER_HOST, "-p", port,
+    server_cmd = [*in_host(two_hosts["server"]), "bash", str(DEPLOY), "-r", "server", "-a", "-w", str(server), "-l", SERVER_HOST, "-p", port,
                   *run, "node_wait_seconds=120"]
     site_cmd = [*in_host(two_hosts["site"]), "unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount -t tmpfs none /usr/share/datasets && exec "$@"', "sh",
-                "bash", str(DEPLOY), "-r", "site", "-w", str(site), "-l", SERVER_HOST, "-p", port, "-n", "3", "-s", str(site / "sites")]
+                "bash", str(DEPLOY), "-r", "site", "-a", "-w", str(site), "-l", SERVER_HOST, "-p", port, "-n", "3", "-s", str(site / "sites")]
     lines, sites = [], None
     proc = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -208,6 +216,8 @@ def test_three_sites_on_a_site_host_with_only_their_folders_replay_the_simulatio
     assert "SuperNodes 0..2 serving" in (tmp_path / "site-host.log").read_text()
     assert sorted(p.name for p in (site / "certs").iterdir()) == ["ca.crt"]  # nothing was made on the site host
     assert not (server / "secrets" / "supernode-0").exists() and not (site / "secrets" / "superlink").exists()
+    assert all(json.loads((server / f"register-{i}.json").read_text())["success"] for i in range(3))
+    assert sorted(p.name for p in (server / "keys").iterdir()) == [f"supernode-{i}.pub" for i in range(3)]  # no private key
     assert not processes_of(server) and not processes_of(site)
 
 
@@ -249,38 +259,37 @@ def test_a_run_that_chooses_num_clients_keeps_it_whatever_the_node_config_says()
         assert node_overrides(context) == [chosen]
 
 
-def test_a_supernode_with_an_unregistered_key_is_refused(tmp_path):
-    """--enable-supernode-auth: a SuperNode whose public key was never registered cannot join."""
-    certs, key, log = tmp_path / "certs", tmp_path / "rogue", tmp_path / "rogue.log"
+def test_a_site_whose_supernode_key_is_not_registered_is_refused_and_its_site_role_fails(tmp_path):
+    """--enable-supernode-auth: a SuperNode whose public key was never registered cannot join, and
+    deploy_local.sh -r site, which otherwise serves until stopped, exits 1 and stops its SuperExec."""
+    certs, site = tmp_path / "certs", tmp_path / "site"
     subprocess.run(["bash", str(APP_DIR / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(key)], check=True)
-    port, node_port = free_port(), free_port()
+    subprocess.run(["bash", str(APP_DIR / "docker" / "secrets.sh"), str(site / "secrets"), "supernode-0"], check=True, capture_output=True)
+    (site / "certs").mkdir()
+    shutil.copy2(certs / "ca.crt", site / "certs" / "ca.crt")
+    (site / "keys").mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(site / "keys" / "supernode-0")], check=True)
+    shutil.copy2(site / "keys" / "supernode-0.pub", site / "keys" / "trusted.pub")
+    port = free_port()
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0"}  # they start flower-superexec
-    # Each in its own process group: both start a flower-superexec, stopped with them.
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0"}  # it starts flower-superexec
+    # In its own process group: it starts a flower-superexec, stopped with it.
     link = subprocess.Popen(
         [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
          "--ssl-keyfile", str(certs / "server.key"), "--database", str(tmp_path / "state.db"), "--host", "127.0.0.1", "--port", str(port),
          "--enable-supernode-auth"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )
-    rogue = None
     try:
         deadline = time.monotonic() + 60
         while listening_process(port) is None and time.monotonic() < deadline:
             assert link.poll() is None, "the SuperLink exited"
             time.sleep(0.5)
-        with log.open("w") as out:
-            rogue = subprocess.Popen(
-                [str(bin_dir / "flower-supernode"), "--root-certificates", str(certs / "ca.crt"), "--superlink", f"127.0.0.1:{port}",
-                 "--port", str(node_port), "--auth-supernode-private-key", str(key)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-            code = rogue.wait(timeout=60)
+        out = subprocess.run(["bash", str(DEPLOY), "-r", "site", "-a", "-w", str(site), "-l", "127.0.0.1", "-p", str(port), "-n", "1"],
+                             capture_output=True, text=True, timeout=120)
     finally:
-        for proc in (rogue, link):
-            if proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    assert code != 0
-    assert "Failed to activate SuperNode" in log.read_text()
+        os.killpg(link.pid, signal.SIGKILL)
+        link.wait()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Failed to activate SuperNode" in (site / "supernode-0.log").read_text()
+    assert "deploy_local.sh: stopped" in out.stdout
+    assert not processes_of(site), "a process of the site outlived it"

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
@@ -17,6 +18,9 @@ from flwr.serverapp import Grid
 from fedcil.errors import ConfigError
 from fedcil.protocol import ClientUpdate, RoundPlan
 
+if TYPE_CHECKING:
+    from server_app.influence import DirectionRatio
+
 
 @dataclass
 class RoundExchange:
@@ -24,9 +28,10 @@ class RoundExchange:
 
     ``replies`` are the records as received; ``updates`` the valid ones, decoded, once
     :func:`server_app.loop.screened` has checked them. ``failed`` says why each node that
-    was asked has no update, ``capped`` whose weight the influence bounds cut; under secure
-    aggregation, ``authenticated`` counts the clients in the sum whose keys came signed with
-    their SuperNode keys (:mod:`fedcil.secagg.identity`).
+    was asked has no update, ``capped`` whose weight the influence bounds cut, and
+    ``direction_ratio`` the largest direction ratio of the replies' Grams (with
+    ``replies.direction_factor`` set); under secure aggregation, ``authenticated`` counts the
+    clients in the sum whose keys came signed with their SuperNode keys (:mod:`fedcil.secagg.identity`).
     """
 
     replies: list[tuple[int, RecordDict]]
@@ -36,6 +41,7 @@ class RoundExchange:
     failed: dict[int, str] = field(default_factory=dict)
     updates: list[ClientUpdate] = field(default_factory=list)
     capped: dict[int, str] = field(default_factory=dict)
+    direction_ratio: DirectionRatio | None = None
     authenticated: int | None = None
 
 

@@ -27,7 +27,8 @@ validation and before any merge, every round's replies go through:
    in no direction: its largest generalised eigenvalue ``lambda`` against ``M + rho I``
    (per entry for a diagonal Gram), ``rho = DIRECTION_RIDGE x trace(P) / d`` with ``P`` the
    mean of every reply's ``P_j``, is at most the factor, else the Gram and its numerators
-   are scaled down by ``factor / lambda``.
+   are scaled down by ``factor / lambda``. The round records the largest ``lambda`` of any
+   reply's Gram (before any cut), so that honest runs show how high a factor they need.
 
 A reply failing 1 or 2 is dropped like an invalid one (the reason recorded in the round's
 ``failures``), and so is every reply of a round in which none claims an example (nothing to
@@ -80,13 +81,29 @@ class InfluenceBounds:
                    optional_float(r.psd_tolerance), optional_float(r.direction_factor))
 
 
+@dataclass(frozen=True)
+class DirectionRatio:
+    """A direction ratio ``lambda`` (item 4 above): its value, its Gram and the node whose reply it is."""
+
+    ratio: float
+    gram: str
+    node: int
+
+
+def largest_ratio(*ratios: DirectionRatio | None) -> DirectionRatio | None:
+    """The largest of ``ratios`` that are not None (None if all are)."""
+    return max((r for r in ratios if r is not None), key=lambda r: r.ratio, default=None)
+
+
 @dataclass
 class Bounded:
-    """A round's replies after the bounds: those kept, why others were dropped, whose weight was cut."""
+    """A round's replies after the bounds: those kept, why others were dropped, whose weight was cut,
+    and the largest direction ratio of their Grams (with ``replies.direction_factor`` set)."""
 
     updates: list[ClientUpdate]
     dropped: dict[int, str] = field(default_factory=dict)
     capped: dict[int, str] = field(default_factory=dict)
+    direction_ratio: DirectionRatio | None = None
 
 
 def gram_problem(gram: torch.Tensor, tolerance: float) -> str | None:
@@ -178,17 +195,22 @@ def direction_ratios(per_example: list[torch.Tensor], ridge: float = DIRECTION_R
     return [others * mu / (1 - mu) for mu in (min(share, 1 - 1e-15) for share in shares)]
 
 
-def direction_scales(with_data: list[ClientUpdate], sums: WeightedSums, cap: float) -> dict[int, dict[str, float]]:
-    """Per node, the Grams whose per-example direction ratio exceeds ``cap``, each with ``cap / lambda``."""
+def direction_scales(
+    with_data: list[ClientUpdate], sums: WeightedSums, cap: float
+) -> tuple[dict[int, dict[str, float]], DirectionRatio | None]:
+    """Per node, the Grams whose per-example direction ratio exceeds ``cap``, each with ``cap / lambda``;
+    and the largest ratio of any reply's Gram (None where no Gram has two replies with data)."""
     scales: dict[int, dict[str, float]] = {u.node_id: {} for u in with_data}
+    largest = None
     for key in sorted(sums.grams):
         per_example = [u.tensors[key].to(torch.float64) / u.num_examples for u in with_data]
         if len(per_example) < 2 or sum(trace_of(p) for p in per_example) <= 0:
             continue
         for update, ratio in zip(with_data, direction_ratios(per_example), strict=True):
+            largest = largest_ratio(largest, DirectionRatio(ratio, key, update.node_id))
             if ratio > cap:
                 scales[update.node_id][key] = cap / ratio
-    return scales
+    return scales, largest
 
 
 def reweighted(update: ClientUpdate, sums: WeightedSums, count: int, scales: Mapping[str, float]) -> ClientUpdate:
@@ -254,7 +276,9 @@ def bound_influence(updates: list[ClientUpdate], sums: WeightedSums, bounds: Inf
     if not with_data:  # nothing to weigh by: every merge would divide by zero
         result.dropped.update({u.node_id: "no reply of the round claims an example" for u in kept})
         return result
-    directions = {} if bounds.direction_factor is None else direction_scales(with_data, sums, bounds.direction_factor)
+    directions: dict[int, dict[str, float]] = {}
+    if bounds.direction_factor is not None:
+        directions, result.direction_ratio = direction_scales(with_data, sums, bounds.direction_factor)
     if bounds.weighting == "claimed" and not any(directions.values()):
         result.updates = kept
         return result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from fedcil.settings import check_settings, evaluates_every_round
 from fedcil.tasks import TaskSplit, split_for
 from fedcil.training import accuracies, correct_per_task, evaluate_seen_tasks
 from fedcil.secagg.server import SecAggSettings
-from server_app.influence import InfluenceBounds, bound_influence
+from server_app.influence import InfluenceBounds, bound_influence, largest_ratio
 from server_app.federation import Post, RoundExchange, Send, flower_post, sample_nodes, wait_for_federation, wait_for_nodes
 from server_app.privacy import CentralPrivacy
 from server_app.secure import secure_sender
@@ -132,6 +132,7 @@ def train_round(
             result.bytes_down += statistics.bytes_down
             result.failed.update(statistics.failed)
             result.capped.update(statistics.capped)
+            result.direction_ratio = largest_ratio(result.direction_ratio, statistics.direction_ratio)
     return result
 
 
@@ -199,7 +200,7 @@ def screened(send: Send, cfg: DictConfig, strategy: FederatedStrategy) -> Send:
             for node, reason in bounded.dropped.items():
                 result.failed[node] = f"out of bounds: {reason}"
                 log(WARNING, "task %d round %d: reply of node %s dropped: %s", task + 1, round_in_task + 1, node, reason)
-            result.updates, result.capped = bounded.updates, bounded.capped
+            result.updates, result.capped, result.direction_ratio = bounded.updates, bounded.capped, bounded.direction_ratio
         if plan.returns_trained_tensors and limits.update_factor is not None:
             result.updates, cut = bound_update_sizes(result.updates, plan.state, limits.update_factor, cfg.local_epochs,
                                                      cfg.batch_size)
@@ -236,6 +237,7 @@ def round_record(task: int, round_in_task: int, result: RoundExchange, accuracy:
         "loss": None if privacy.enabled else loss, "accuracy": accuracy,
         "bytes_up": result.bytes_up, "bytes_down": result.bytes_down, "seconds": seconds, **nodes,
         **({} if result.authenticated is None else {"authenticated_keys": result.authenticated}),
+        **({} if result.direction_ratio is None else {"largest_direction_ratio": asdict(result.direction_ratio)}),
     }
 
 

@@ -223,11 +223,10 @@ def test_direction_ratios_match_the_generalised_eigenvalues_against_the_others_m
 ROWS = 400
 
 
-def one_direction_round(cap: float | None, seed: int = 0, dim: int = 60, honest: int = 9):
+def one_direction_updates(seed: int = 0, dim: int = 60, honest: int = 9) -> tuple[list[ClientUpdate], np.ndarray, np.ndarray]:
     """Nine honest replies of 400 examples of 60 inputs (numerators toward one factor ``W``), input 0 rarely used;
     a tenth with the median count and median trace, all of it on coordinate 0, numerator toward ``F``.
-    Returns the share of the merged solution on coordinate 0 that follows ``F``, the bounds' record, and ``q``
-    (what the ridge adds to the honest mean there, see below)."""
+    Returns the replies, ``W`` and ``F``."""
     rng = np.random.default_rng(seed)
     truth, foreign = rng.normal(size=(2, dim)), rng.normal(size=(2, dim)) + 5
     updates = []
@@ -240,6 +239,15 @@ def one_direction_round(cap: float | None, seed: int = 0, dim: int = 60, honest:
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     gram[0, 0] = trace
     updates.append(ClientUpdate(honest, {"G": gram, "N": torch.as_tensor(foreign) @ gram, "nb": torch.full((2,), float(ROWS))}, ROWS, 0.0))
+    return updates, truth, foreign
+
+
+def one_direction_round(cap: float | None, seed: int = 0, dim: int = 60, honest: int = 9):
+    """The replies of :func:`one_direction_updates` under ``direction_factor=cap``. Returns the share of the merged
+    solution on coordinate 0 that follows ``F``, the bounds' record, and ``q`` (what the ridge adds to the honest
+    mean there, see below)."""
+    updates, truth, foreign = one_direction_updates(seed, dim, honest)
+    trace = trace_of(updates[honest].tensors["G"])
     bounds = InfluenceBounds("claimed", direction_factor=cap)
     bounded = bound_influence(updates, GRAMS, bounds)
     numerator = sum(u.tensors["N"] for u in bounded.updates)
@@ -263,6 +271,23 @@ def test_one_rarely_used_direction_gets_at_most_the_documented_share(cap):
     assert list(record) == [9] and "strongest direction" in record[9]
     assert 1 <= inflation < 1.05
     assert share.max() <= cap * inflation / (cap * inflation + 9) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0, 1e12])
+def test_the_round_records_its_largest_direction_ratio_before_any_cut(cap):
+    """With ``direction_factor`` set, cutting or not, the bounds report the largest ratio of any reply's Gram:
+    the liar's, as numpy's general eigensolver computes it; without it, nothing is computed."""
+    updates, _, _ = one_direction_updates()
+    bounded = bound_influence(updates, GRAMS, InfluenceBounds("claimed", direction_factor=cap))
+    if cap is None:
+        assert bounded.direction_ratio is None
+        return
+    per_example = [(u.tensors["G"] / u.num_examples).numpy() for u in updates]
+    expected = [brute_force_ratio(per_example, k, DIRECTION_RIDGE) for k in range(len(updates))]
+    assert int(np.argmax(expected)) == 9 and max(expected) > 100
+    assert (bounded.direction_ratio.gram, bounded.direction_ratio.node) == ("G", 9)
+    assert bounded.direction_ratio.ratio == pytest.approx(max(expected), rel=1e-6)
+    assert bool(bounded.capped) == (cap < max(expected))
 
 
 @settings(max_examples=40, deadline=None)
@@ -337,6 +362,16 @@ def test_the_defaults_withstand_a_well_formed_attacker_that_wins_without_them(tm
         assert all(r["clients"] == 4 and r["failures"]["0"].startswith("out of bounds: ") for r in defended["rounds"])
     else:  # kept, its weight cut
         assert all(r["capped"]["0"].startswith("num-examples 10000000 -> ") for r in defended["rounds"])
+
+
+def test_an_honest_run_records_each_rounds_largest_direction_ratio_and_a_bound_above_it_changes_nothing(tmp_path, honest_faa):
+    """LoRM with ``replies.direction_factor=1e12``: every round records its largest ratio (over the training
+    and the end-of-task exchanges), no reply is cut, and the run equals the one without the bound."""
+    measured = run(tmp_path, "lorm", None, "replies.direction_factor=1e12")
+    largest = [r["largest_direction_ratio"] for r in measured["rounds"]]
+    assert all(0 < x["ratio"] < 1e12 and x["node"] in range(5) and x["gram"] for x in largest)
+    assert not any(r["capped"] for r in measured["rounds"])
+    assert measured["faa"] == honest_faa["lorm"]
 
 
 @pytest.mark.e2e

@@ -65,6 +65,11 @@ def test_tls_deployment_with_supernode_auth_and_secure_aggregation_matches_the_l
     assert not processes_of(work), "a process of the deployment outlived it"
 
 
+def make_site_key(path: Path) -> None:
+    """A SuperNode's EC key pair (``path`` and ``path.pub``), made as docs/deployment.md tells a site to."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(path)], check=True)
+
+
 def processes_of(work: Path, wait: float = 10.0) -> list[psutil.Process]:
     """The live processes whose FLWR_HOME is the deployment's (after waiting up to ``wait`` s for them to go)."""
     home, deadline = str(work / "flwr-home"), time.monotonic() + wait
@@ -178,7 +183,7 @@ def test_three_sites_on_a_site_host_with_only_their_folders_replay_the_simulatio
     (site / "keys").mkdir()
     (server / "keys").mkdir()
     for i in range(3):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(site / "keys" / f"supernode-{i}")], check=True)
+        make_site_key(site / "keys" / f"supernode-{i}")
         shutil.copy2(site / "keys" / f"supernode-{i}.pub", server / "keys" / f"supernode-{i}.pub")
     (site / "keys" / "trusted.pub").write_text("".join((site / "keys" / f"supernode-{i}.pub").read_text() for i in range(3)))
 
@@ -268,7 +273,7 @@ def test_a_site_whose_supernode_key_is_not_registered_is_refused_and_its_site_ro
     (site / "certs").mkdir()
     shutil.copy2(certs / "ca.crt", site / "certs" / "ca.crt")
     (site / "keys").mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(site / "keys" / "supernode-0")], check=True)
+    make_site_key(site / "keys" / "supernode-0")
     shutil.copy2(site / "keys" / "supernode-0.pub", site / "keys" / "trusted.pub")
     port = free_port()
     bin_dir = Path(sys.executable).parent
